@@ -1,0 +1,40 @@
+"""The ``tfshield`` command. Each subcommand's module is imported only when it
+runs, so ``tfshield serve`` never pays for TensorFlow."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# subcommand -> (module with ``main(argv) -> int``, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "serve": ("gateway.server", "run the gateway in front of a TF Serving upstream"),
+    "demo": ("gateway.model.demo", "train the demo model once, then serve it behind the gateway with traffic"),
+    "model-server": ("gateway.model.server", "serve SavedModels over TF Serving's gRPC API (reference server)"),
+    "bench": ("gateway.bench", "benchmark direct vs gateway vs nginx; prints a table, writes JSON"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, SUBCOMMANDS))
+    lines = ["usage: tfshield COMMAND [options]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
+    lines += ["", "tfshield COMMAND --help describes a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if args else 2
+    name, rest = args[0], args[1:]
+    if name not in SUBCOMMANDS:
+        print(f"tfshield: unknown command '{name}'; known: {', '.join(SUBCOMMANDS)}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(SUBCOMMANDS[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
