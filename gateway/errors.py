@@ -14,10 +14,12 @@ class ConfigError(TfshieldError):
 class InvalidInput(TfshieldError):
     """A request's input cannot be accepted; maps to INVALID_ARGUMENT.
 
-    ``input_name`` names the offending input so the client can fix it.
+    ``input_name`` names the offending input so the client can fix it;
+    ``reason`` is a short fixed word for metrics labels (never free text).
     """
 
-    def __init__(self, input_name: str, problem: str) -> None:
+    def __init__(self, input_name: str, problem: str, reason: str = "malformed") -> None:
         super().__init__(f"input '{input_name}': {problem}")
         self.input_name = input_name
         self.problem = problem
+        self.reason = reason

@@ -1,0 +1,223 @@
+"""The gateway's configuration: one typed tree, loaded from YAML once.
+
+Every section is a frozen dataclass. Loading rejects unknown keys and wrong
+types with an error that names the path (``upstream.channels: must be >= 1``),
+so a typo never silently falls back to a default. Nothing here is evaluated:
+YAML is read with ``yaml.safe_load`` and values are checked against the types
+declared below.
+
+Minimal YAML::
+
+    listen: 0.0.0.0:8500
+    upstream:
+      target: 127.0.0.1:8501
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from gateway.errors import ConfigError
+
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TlsServerConfig:
+    """TLS on the listening side; mTLS when ``client_ca_file`` is set."""
+
+    cert_file: str
+    key_file: str
+    # PEM bundle of CAs whose client certificates are accepted.
+    client_ca_file: str | None = None
+    # With a client CA: refuse clients that present no certificate.
+    require_client_cert: bool = True
+
+
+@dataclass(frozen=True)
+class TlsClientConfig:
+    """TLS towards the upstream model server."""
+
+    ca_file: str | None = None
+    # Client certificate for mTLS to the upstream.
+    cert_file: str | None = None
+    key_file: str | None = None
+    # Expected name in the upstream's certificate, when it differs from the target host.
+    server_name: str | None = None
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    # host:port of the TF Serving gRPC endpoint (in a sidecar: 127.0.0.1:8500 of the pod).
+    target: str = "127.0.0.1:8501"
+    # Requests are spread round-robin over this many HTTP/2 connections.
+    channels: int = 2
+    tls: TlsClientConfig | None = None
+    # How often the health service re-checks that the upstream is reachable.
+    health_probe_interval_s: float = 1.0
+
+    def validate(self, path: str) -> None:
+        _require(":" in self.target, f"{path}.target", "must be host:port")
+        _require(1 <= self.channels <= 64, f"{path}.channels", "must be between 1 and 64")
+        _require(self.health_probe_interval_s > 0, f"{path}.health_probe_interval_s", "must be > 0")
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    # Largest request or response, both directions. TF Serving accepts up to
+    # INT32_MAX; Python gRPC's default of 4 MiB is far too small for tensors.
+    max_message_bytes: int = 64 * MIB
+    # Largest element count of one decoded tensor: guards memory, where the
+    # message size cannot (a shape can claim more than the bytes carry).
+    max_tensor_elements: int = 16 * MIB
+
+    def validate(self, path: str) -> None:
+        _require(
+            4096 <= self.max_message_bytes <= 2**31 - 1,
+            f"{path}.max_message_bytes",
+            "must be between 4096 and 2147483647",
+        )
+        _require(self.max_tensor_elements >= 1, f"{path}.max_tensor_elements", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class KeepaliveConfig:
+    # Ping an idle connection after this long, and drop it if the ping is not
+    # answered within timeout_s. 0 disables pings.
+    time_s: float = 30.0
+    timeout_s: float = 10.0
+    # Shortest ping interval a client may use before the server sends GOAWAY.
+    min_client_ping_interval_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class IdentityConfig:
+    """Where a client's id comes from, tried in order (see gateway/identity.py)."""
+
+    # Any of: mtls, metadata, peer.
+    order: tuple[Literal["mtls", "metadata", "peer"], ...] = ("mtls", "metadata", "peer")
+    # Metadata key carrying an API key; the key is only ever kept as a keyed hash.
+    metadata_key: str = "x-api-key"
+    # Secret for hashing API keys; from an environment variable so it never sits in the file.
+    hash_salt_env: str = "TFSHIELD_ID_SALT"
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    # host:port of the Prometheus /metrics endpoint; port 0 = ephemeral. Empty disables it.
+    listen: str = "127.0.0.1:9100"
+    # Distinct model names kept as label values; later names count as "_other",
+    # so clients cannot blow up the series count with made-up model names.
+    max_model_labels: int = 64
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    # host:port the gRPC server listens on; port 0 = ephemeral.
+    listen: str = "127.0.0.1:8500"
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    tls: TlsServerConfig | None = None
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    keepalive: KeepaliveConfig = field(default_factory=KeepaliveConfig)
+    identity: IdentityConfig = field(default_factory=IdentityConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    # ModelService/HandleReloadConfigRequest unloads every model left out of
+    # the new config: refused (PERMISSION_DENIED) unless this is true.
+    allow_reload_config: bool = False
+    # On SIGTERM, in-flight calls get this long to finish before they are cancelled.
+    shutdown_grace_s: float = 10.0
+
+    def validate(self, path: str) -> None:
+        _require(":" in self.listen, f"{path}listen", "must be host:port")
+        _require(self.shutdown_grace_s >= 0, f"{path}shutdown_grace_s", "must be >= 0")
+
+
+def _require(ok: bool, path: str, problem: str) -> None:
+    if not ok:
+        raise ConfigError(f"{path}: {problem}")
+
+
+def _join(path: str, key: str | int) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def _build(tp: Any, value: Any, path: str) -> Any:
+    """Turn plain YAML data into the declared type ``tp``, or raise ConfigError."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        (inner,) = [t for t in options if t is not type(None)]
+        return _build(inner, value, path)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{path}: must be one of {', '.join(map(str, allowed))}, not {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{path}: must be a list")
+        (item_type, _) = typing.get_args(tp)
+        return tuple(_build(item_type, v, _join(path, i)) for i, v in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path or 'config'}: must be a mapping, not {type(value).__name__}")
+        hints = typing.get_type_hints(tp)
+        known = {f.name for f in dataclasses.fields(tp)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ConfigError(
+                f"{_join(path, unknown[0])}: unknown key; known keys here: {', '.join(sorted(known))}"
+            )
+        for f in dataclasses.fields(tp):
+            no_default = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            if no_default and f.name not in value:
+                raise ConfigError(f"{_join(path, f.name)}: required key is missing")
+        kwargs = {k: _build(hints[k], v, _join(path, k)) for k, v in value.items()}
+        obj = tp(**kwargs)
+        if hasattr(obj, "validate"):
+            obj.validate(path if path else "")
+        return obj
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{path}: must be a number, not {value!r}")
+        return float(value)
+    if tp in (int, str, bool):
+        if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+            raise ConfigError(f"{path}: must be {tp.__name__}, not {value!r}")
+        return value
+    raise ConfigError(f"{path}: unsupported config type {tp!r}")  # a bug in this module
+
+
+def config_from_dict(data: dict[str, Any] | None) -> GatewayConfig:
+    """Build and validate a GatewayConfig from plain data (parsed YAML)."""
+    return _build(GatewayConfig, data or {}, "")
+
+
+def load_config(path: str | Path) -> GatewayConfig:
+    """Read a YAML file into a GatewayConfig; errors name the file and the key."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    try:
+        return config_from_dict(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def with_overrides(config: GatewayConfig, **changes: Any) -> GatewayConfig:
+    """A copy of ``config`` with top-level fields replaced (command-line flags)."""
+    return dataclasses.replace(config, **changes)

@@ -1,0 +1,101 @@
+"""The forward stage: the terminal call to the upstream model server.
+
+Requests go upstream as the bytes the client sent (DESIGN.md, decision 2) over
+a small pool of HTTP/2 connections, round-robin: one connection serialises
+its streams through one socket and one HTTP/2 flow-control window, and TF
+Serving's batching needs concurrent requests to do its job.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+
+from gateway.config import GatewayConfig, TlsClientConfig
+
+Metadata = Sequence[tuple[str, str | bytes]]
+
+# Metadata the gateway must not copy onto its own upstream call: HTTP/2
+# pseudo-headers, gRPC's own headers, and the transport headers gRPC sets itself.
+_HOP_BY_HOP = frozenset({"user-agent", "content-type", "te", "host", "accept-encoding", "content-length"})
+
+
+def forwardable(metadata: Metadata | None) -> tuple[tuple[str, str | bytes], ...]:
+    """The client's custom metadata, as it may be sent on to the upstream."""
+    if not metadata:
+        return ()
+    return tuple(
+        (key, value)
+        for key, value in metadata
+        if not key.startswith((":", "grpc-")) and key not in _HOP_BY_HOP
+    )
+
+
+def channel_options(config: GatewayConfig, index: int) -> list[tuple[str, int | str]]:
+    limit = config.limits.max_message_bytes
+    options: list[tuple[str, int | str]] = [
+        ("grpc.max_send_message_length", limit),
+        ("grpc.max_receive_message_length", limit),
+        # Without a local subchannel pool, channels with equal arguments share one connection.
+        ("grpc.use_local_subchannel_pool", 1),
+        ("tfshield.channel_index", index),
+        # Never retry on the gateway's behalf: an UNAVAILABLE from a full batch
+        # queue upstream must reach the client, not be amplified.
+        ("grpc.enable_retries", 0),
+    ]
+    if config.keepalive.time_s > 0:
+        options += [
+            ("grpc.keepalive_time_ms", int(config.keepalive.time_s * 1000)),
+            ("grpc.keepalive_timeout_ms", int(config.keepalive.timeout_s * 1000)),
+        ]
+    tls = config.upstream.tls
+    if tls is not None and tls.server_name:
+        options.append(("grpc.ssl_target_name_override", tls.server_name))
+    return options
+
+
+def _read(path: str | None) -> bytes | None:
+    return Path(path).read_bytes() if path else None
+
+
+def channel_credentials(tls: TlsClientConfig) -> grpc.ChannelCredentials:
+    return grpc.ssl_channel_credentials(
+        root_certificates=_read(tls.ca_file),
+        private_key=_read(tls.key_file),
+        certificate_chain=_read(tls.cert_file),
+    )
+
+
+class UpstreamPool:
+    """A fixed set of channels to the upstream, used round-robin."""
+
+    def __init__(self, config: GatewayConfig) -> None:
+        upstream = config.upstream
+        credentials = channel_credentials(upstream.tls) if upstream.tls is not None else None
+        self.channels: list[grpc.aio.Channel] = []
+        for index in range(upstream.channels):
+            options = channel_options(config, index)
+            if credentials is None:
+                channel = grpc.aio.insecure_channel(upstream.target, options=options)
+            else:
+                channel = grpc.aio.secure_channel(upstream.target, credentials, options=options)
+            self.channels.append(channel)
+        self._next = itertools.cycle(range(len(self.channels)))
+        self._callables: dict[tuple[int, str], grpc.aio.UnaryUnaryMultiCallable] = {}
+
+    def callable_for(self, path: str) -> grpc.aio.UnaryUnaryMultiCallable:
+        """A bytes-in, bytes-out callable for ``path`` on the next channel."""
+        index = next(self._next)
+        key = (index, path)
+        stub = self._callables.get(key)
+        if stub is None:
+            # No (de)serializers: the request and response stay raw bytes.
+            stub = self._callables[key] = self.channels[index].unary_unary(path)
+        return stub
+
+    async def close(self) -> None:
+        for channel in self.channels:
+            await channel.close()

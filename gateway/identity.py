@@ -1,0 +1,83 @@
+"""The identity stage: who is calling.
+
+A client id is taken from the first source in the configured order that has
+one:
+
+- ``mtls``: the verified peer certificate, its SPIFFE URI SAN if present,
+  else its subject common name -> ``mtls:<name>``;
+- ``metadata``: an API key in the configured metadata key, kept only as a
+  keyed hash (HMAC-SHA256 with a secret salt) -> ``key:<16 hex digits>``, so the
+  key itself is never stored or logged;
+- ``peer``: the peer's IP address without the port -> ``peer:<address>``.
+
+With none of them the id is ``anonymous``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+import secrets
+
+import grpc
+
+from gateway.config import IdentityConfig
+
+log = logging.getLogger(__name__)
+ANONYMOUS = "anonymous"
+
+
+def _peer_address(peer: str) -> str:
+    # grpc peers look like "ipv4:127.0.0.1:5123", "ipv6:[::1]:5123" or "unix:/path".
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv6" and rest.startswith("["):
+        return rest[1 : rest.index("]")]
+    if kind == "ipv4":
+        return rest.rpartition(":")[0]
+    return rest or peer
+
+
+class ClientIdentifier:
+    def __init__(self, config: IdentityConfig, salt: bytes | None = None) -> None:
+        self._order = config.order
+        self._metadata_key = config.metadata_key.lower()
+        self._salt_env = config.hash_salt_env
+        self._warn_random_salt = False
+        if salt is None:
+            env_salt = os.environ.get(config.hash_salt_env, "")
+            self._warn_random_salt = not env_salt
+            salt = env_salt.encode() if env_salt else secrets.token_bytes(32)
+        self._salt = salt
+
+    def hash_key(self, api_key: str | bytes) -> str:
+        if self._warn_random_salt:
+            self._warn_random_salt = False
+            log.warning(
+                "%s is not set: API keys are hashed with a random per-process salt, so replicas "
+                "will not agree on client ids; set it to a shared secret",
+                self._salt_env,
+            )
+        key = api_key.encode() if isinstance(api_key, str) else api_key
+        return hmac.new(self._salt, key, hashlib.sha256).hexdigest()[:16]
+
+    def identify(self, context: grpc.aio.ServicerContext) -> str:
+        for source in self._order:
+            if source == "mtls":
+                auth = context.auth_context()
+                for uri in auth.get("x509_subject_alternative_name", ()):
+                    if uri.startswith(b"spiffe://"):
+                        return "mtls:" + uri.decode("utf-8", "replace")
+                names = auth.get("x509_common_name")
+                if names:
+                    return "mtls:" + names[0].decode("utf-8", "replace")
+            elif source == "metadata":
+                for key, value in context.invocation_metadata() or ():
+                    if key == self._metadata_key and value:
+                        return "key:" + self.hash_key(value)
+            elif source == "peer":
+                peer = context.peer()
+                if peer:
+                    return "peer:" + _peer_address(peer)
+        return ANONYMOUS

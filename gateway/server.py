@@ -1,0 +1,305 @@
+"""The gateway's gRPC server: ingress, pipeline, forward, observe.
+
+Every method of ``tensorflow.serving.PredictionService`` and
+``tensorflow.serving.ModelService`` is served by one generic handler that
+receives the request as raw bytes, runs the pipeline stages, forwards the
+original bytes upstream with the client's metadata and remaining deadline, and
+returns the upstream's response bytes, status, message and metadata unchanged.
+
+``create_server(config) -> (gateway, port)`` builds and starts a gateway (port 0
+binds an ephemeral port); ``serve(config)`` runs one until SIGTERM or SIGINT,
+then drains in-flight calls for ``shutdown_grace_s``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import grpc
+from prometheus_client import CollectorRegistry, start_http_server
+
+from gateway.config import GatewayConfig, load_config, with_overrides
+from gateway.decode import peek_model_name
+from gateway.errors import ConfigError, InvalidInput
+from gateway.forward import UpstreamPool, forwardable
+from gateway.health import HealthService
+from gateway.identity import ClientIdentifier
+from gateway.metrics import GatewayMetrics
+from gateway.pipeline import Call, DecodeStage, Refusal, Stage
+from gateway.readyfile import write_ready_file
+
+log = logging.getLogger("tfshield.gateway")
+
+PREDICTION_SERVICE = "tensorflow.serving.PredictionService"
+PREDICTION_METHODS = ("Classify", "Regress", "Predict", "MultiInference", "GetModelMetadata")
+MODEL_SERVICE = "tensorflow.serving.ModelService"
+MODEL_METHODS = ("GetModelStatus", "HandleReloadConfigRequest")
+RELOAD_REFUSED = (
+    "HandleReloadConfigRequest is refused by the gateway: it would replace the models the upstream "
+    "serves. Set allow_reload_config: true in the gateway config to allow it."
+)
+
+Handler = Callable[[bytes, grpc.aio.ServicerContext], Coroutine[Any, Any, bytes]]
+
+
+def _split_hostport(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def server_options(config: GatewayConfig) -> list[tuple[str, int]]:
+    limit = config.limits.max_message_bytes
+    options = [
+        ("grpc.max_send_message_length", limit),
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", int(config.keepalive.min_client_ping_interval_s * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+    if config.keepalive.time_s > 0:
+        options += [
+            ("grpc.keepalive_time_ms", int(config.keepalive.time_s * 1000)),
+            ("grpc.keepalive_timeout_ms", int(config.keepalive.timeout_s * 1000)),
+        ]
+    return options
+
+
+def server_credentials(config: GatewayConfig) -> grpc.ServerCredentials | None:
+    tls = config.tls
+    if tls is None:
+        return None
+    key, cert = Path(tls.key_file).read_bytes(), Path(tls.cert_file).read_bytes()
+    client_ca = Path(tls.client_ca_file).read_bytes() if tls.client_ca_file else None
+    return grpc.ssl_server_credentials(
+        [(key, cert)],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None and tls.require_client_cert,
+    )
+
+
+class Gateway:
+    """One gateway: a gRPC server, its upstream pool, health and metrics."""
+
+    def __init__(self, config: GatewayConfig, registry: CollectorRegistry | None = None) -> None:
+        self.config = config
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.metrics = GatewayMetrics(self.registry, config.metrics.max_model_labels)
+        self.identifier = ClientIdentifier(config.identity)
+        self.stages: list[Stage] = [DecodeStage(config.limits.max_tensor_elements)]
+        self.health = HealthService()
+        self.upstream: UpstreamPool | None = None
+        self.server: grpc.aio.Server | None = None
+        self.port = 0
+        self.metrics_port = 0
+        self._metrics_httpd: Any = None
+        self._probe_task: asyncio.Task[None] | None = None
+
+    # -- lifecycle -------------------------------------------------------
+
+    async def start(self) -> int:
+        """Bind, start serving and probing the upstream; returns the gRPC port."""
+        self.upstream = UpstreamPool(self.config)
+        self.server = grpc.aio.server(options=server_options(self.config))
+        handlers = {
+            PREDICTION_SERVICE: {m: self._handler(PREDICTION_SERVICE, m) for m in PREDICTION_METHODS},
+            MODEL_SERVICE: {m: self._handler(MODEL_SERVICE, m) for m in MODEL_METHODS},
+        }
+        for service, methods in handlers.items():
+            rpc_handlers = {m: grpc.unary_unary_rpc_method_handler(h) for m, h in methods.items()}
+            self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, rpc_handlers),))
+        self.server.add_generic_rpc_handlers((self.health.handler(),))
+        credentials = server_credentials(self.config)
+        if credentials is None:
+            self.port = self.server.add_insecure_port(self.config.listen)
+        else:
+            self.port = self.server.add_secure_port(self.config.listen, credentials)
+        if self.port == 0:
+            raise ConfigError(f"listen: cannot bind {self.config.listen}")
+        if self.config.metrics.listen:
+            host, port = _split_hostport(self.config.metrics.listen)
+            self._metrics_httpd, _ = start_http_server(port, addr=host, registry=self.registry)
+            self.metrics_port = self._metrics_httpd.server_port
+        await self.server.start()
+        self._probe_task = asyncio.create_task(self._probe_upstream())
+        return self.port
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Stop taking calls, give in-flight calls ``grace_s`` to finish, close everything."""
+        grace = self.config.shutdown_grace_s if grace_s is None else grace_s
+        self.health.shut_down()
+        if self.server is not None:
+            await self.server.stop(grace)
+        if self._probe_task is not None:
+            self._probe_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._probe_task
+        if self.upstream is not None:
+            await self.upstream.close()
+        if self._metrics_httpd is not None:
+            self._metrics_httpd.shutdown()
+            self._metrics_httpd.server_close()
+
+    async def _probe_upstream(self) -> None:
+        """Keep health and ``tfshield_upstream_up`` in step with the upstream connection."""
+        assert self.upstream is not None
+        channels = self.upstream.channels
+        interval = self.config.upstream.health_probe_interval_s
+        while True:
+            states = [channel.get_state(try_to_connect=True) for channel in channels]
+            up = grpc.ChannelConnectivity.READY in states
+            self.health.set_serving(up)
+            self.metrics.upstream_up.set(1 if up else 0)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(channels[0].wait_for_state_change(states[0]), interval)
+
+    # -- the request path --------------------------------------------------
+
+    def _handler(self, service: str, method: str) -> Handler:
+        path = f"/{service}/{method}"
+        metrics = self.metrics
+        request_duration = metrics.request_duration.labels(method)
+        upstream_duration = metrics.upstream_duration.labels(method)
+        stages = self.stages
+        identify = self.identifier.identify
+        refuse_reload = method == "HandleReloadConfigRequest" and not self.config.allow_reload_config
+        OK, INVALID = grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT
+
+        async def handle(raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            started = time.perf_counter()
+            metrics.in_flight.inc()
+            call = Call(method, raw, peek_model_name(raw, method))
+            code = OK
+            try:
+                if refuse_reload:
+                    code = grpc.StatusCode.PERMISSION_DENIED
+                    await context.abort(code, RELOAD_REFUSED)
+                call.client_id = identify(context)
+                try:
+                    for stage in stages:
+                        await stage.on_request(call)
+                except InvalidInput as exc:
+                    code = INVALID
+                    metrics.invalid_requests.labels(method, exc.reason).inc()
+                    await context.abort(code, str(exc))
+                except Refusal as exc:
+                    code = exc.code
+                    await context.abort(code, exc.message)
+                assert self.upstream is not None
+                upstream_call = self.upstream.callable_for(path)(
+                    raw, metadata=forwardable(context.invocation_metadata()), timeout=context.time_remaining()
+                )
+                upstream_started = time.perf_counter()
+                try:
+                    response = await upstream_call
+                except grpc.aio.AioRpcError as exc:
+                    code = exc.code()
+                    trailing = exc.trailing_metadata()
+                    if trailing:
+                        context.set_trailing_metadata(tuple(trailing))
+                    await context.abort(code, exc.details() or "")
+                finally:
+                    upstream_duration.observe(time.perf_counter() - upstream_started)
+                initial = await upstream_call.initial_metadata()
+                if initial:
+                    await context.send_initial_metadata(tuple(initial))
+                trailing = await upstream_call.trailing_metadata()
+                if trailing:
+                    context.set_trailing_metadata(tuple(trailing))
+                for stage in reversed(stages):
+                    response = await stage.on_response(call, response)
+                return response
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            finally:
+                metrics.in_flight.dec()
+                metrics.requests.labels(metrics.model_label(call.model), method, code.name).inc()
+                request_duration.observe(time.perf_counter() - started)
+
+        return handle
+
+
+async def create_server(
+    config: GatewayConfig, registry: CollectorRegistry | None = None
+) -> tuple[Gateway, int]:
+    """Build and start a gateway; returns it and its bound gRPC port."""
+    gateway = Gateway(config, registry)
+    port = await gateway.start()
+    return gateway, port
+
+
+async def serve(config: GatewayConfig, ready_file: str | None = None) -> None:
+    """Run a gateway until SIGTERM/SIGINT, then drain and exit."""
+    gateway, port = await create_server(config)
+    log.info(
+        "tfshield gateway listening on %s (port %d), upstream %s, metrics on port %d",
+        config.listen, port, config.upstream.target, gateway.metrics_port,
+    )
+    if ready_file:
+        write_ready_file(ready_file, grpc_port=port, metrics_port=gateway.metrics_port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("draining in-flight calls for up to %.1f s", config.shutdown_grace_s)
+    await gateway.stop()
+    log.info("stopped")
+
+
+def _with_port(address: str, port: int) -> str:
+    host, _ = _split_hostport(address)
+    return f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
+
+
+def build_config(args: argparse.Namespace) -> GatewayConfig:
+    config = load_config(args.config) if args.config else GatewayConfig()
+    if args.listen:
+        config = with_overrides(config, listen=args.listen)
+    if args.port is not None:
+        config = with_overrides(config, listen=_with_port(config.listen, args.port))
+    if args.upstream:
+        config = with_overrides(config, upstream=with_overrides(config.upstream, target=args.upstream))
+    metrics = config.metrics
+    if args.metrics_listen is not None:
+        metrics = with_overrides(metrics, listen=args.metrics_listen)
+    if args.metrics_port is not None:
+        metrics = with_overrides(metrics, listen=_with_port(metrics.listen or "127.0.0.1:0", args.metrics_port))
+    config = with_overrides(config, metrics=metrics)
+    # Flags bypass the loader's checks: validate what they may have changed.
+    config.upstream.validate("upstream")
+    config.validate("")
+    return config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="tfshield serve", description="Run the tfshield gateway in front of a TF Serving upstream."
+    )
+    parser.add_argument("--config", help="YAML config file (see README); flags below override it")
+    parser.add_argument("--upstream", help="TF Serving gRPC address, host:port")
+    parser.add_argument("--listen", help="gRPC listen address, host:port (default 127.0.0.1:8500)")
+    parser.add_argument("--port", type=int, help="gRPC listen port, keeping the listen host; 0 = ephemeral")
+    parser.add_argument("--metrics-listen", help="Prometheus /metrics address, host:port; '' disables it")
+    parser.add_argument("--metrics-port", type=int, help="metrics port, keeping the host; 0 = ephemeral")
+    parser.add_argument("--ready-file", help="write {pid, grpc_port, metrics_port} here once listening")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    try:
+        config = build_config(args)
+        asyncio.run(serve(config, args.ready_file))
+    except ConfigError as exc:
+        print(f"tfshield serve: config error: {exc}", file=sys.stderr)
+        return 2
+    return 0
