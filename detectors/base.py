@@ -25,6 +25,7 @@ Scoring before fitting or calibrating raises :class:`NotCalibrated`, never warns
 from __future__ import annotations
 
 import json
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,7 +80,7 @@ def detector_class(name: str) -> type[Detector]:
         raise DetectorError(f"unknown detector '{name}'; known: {', '.join(sorted(REGISTRY))}") from None
 
 
-class Detector:
+class Detector(ABC):
     """Base class. Subclasses set ``name``, take hyperparameters as keyword
     arguments (stored under the same attribute names, listed in ``params``),
     and implement ``_fit`` and ``_score``."""
@@ -95,11 +96,13 @@ class Detector:
 
     # -- to implement --------------------------------------------------------
 
+    @abstractmethod
     def _fit(self, x_ref: np.ndarray, predictor: Predictor | None) -> None:
-        raise NotImplementedError  # every concrete detector overrides this
+        """Learn from benign reference data; set attributes ending in ``_``."""
 
+    @abstractmethod
     def _score(self, x: np.ndarray, predictor: Predictor | None) -> np.ndarray:
-        raise NotImplementedError  # every concrete detector overrides this
+        """One score per sample of ``x``, higher = more anomalous."""
 
     def _state(self) -> dict[str, np.ndarray]:
         """Learned arrays to save (names end in ``_``); scalars go through ``_scalars``."""
