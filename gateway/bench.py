@@ -1,0 +1,975 @@
+"""``tfshield bench``: direct vs gateway vs nginx, measured on one machine in one run.
+
+What runs
+    One reference model server serving two upstream models from one base dir:
+    ``echo`` (input ``x`` float32 [batch, 16] -> ``y``; near-zero model cost, so
+    the proxy's cost dominates) and the demo ``mnist`` CNN (input ``images``
+    float32 [batch, 28, 28, 1]). In front of it, as separate processes: the
+    tfshield gateway (``tfshield serve``) and, when ``nginx`` is installed, an
+    nginx ``grpc_pass`` proxy (one worker, upstream keepalive) as a reference
+    point for "what a plain C proxy costs". Every cell is (model, batch 1|32,
+    concurrency 1|16) x target (direct | gateway | nginx).
+
+The load generator
+    A separate process (``python -m gateway.bench``, driven over a pipe) that
+    imports only grpc: one grpc.aio channel per target, kept for the whole run
+    (as a real client would), N concurrent tasks each looping
+    ``await call(request)``, where the request is the official
+    ``tensorflow_serving.apis.predict_pb2.PredictRequest`` serialised once and
+    the call has no (de)serialisers, so the client's per-call cost is small and
+    identical for every target. Latency is ``time.perf_counter()`` around each
+    call; throughput is completed calls / wall time of the slice. Failed calls
+    are counted and excluded from latency.
+
+Fairness and drift
+    The client, the gateway, nginx and the model server share the machine's
+    cores, so the client's own CPU is not free: it is measured (CPU time per
+    process per slice, from ``/proc`` via psutil) and reported next to each row
+    along with the proxy's CPU microseconds per request. To reduce drift
+    (thermal, page cache, background work), each cell's duration is split into
+    ``--rounds`` slices and the targets alternate: round r runs the targets in
+    an order rotated by r (direct, gateway, nginx / gateway, nginx, direct / ...),
+    after one unrecorded warm-up slice per target. A row pools its rounds'
+    latencies for p50/p99 and sums their calls and wall time for requests/s;
+    the JSON keeps each round's requests/s so drift is visible. "Added p50" and
+    "throughput ratio" compare with the direct row of the same cell, measured
+    in the same run.
+
+The gateway's footprint
+    Start-up: process spawn -> ready file written (the ready file is polled
+    every 2 ms), and spawn -> first successful Predict through it (which
+    includes the gateway's first upstream connection); the gateway is started
+    ``--startup-runs`` times and the median is judged. Idle RSS: psutil on the
+    gateway's pid after start-up, a warm-up through every request kind and a
+    short pause. TensorFlow: ``/proc/PID/maps`` of the gateway is searched for
+    any mapped file with ``tensorflow`` in its path (the shared libraries the
+    runtime loads); by design (DESIGN.md, decision 1) there must be none.
+
+Targets (printed as PASS/MISS next to the measured values)
+    added p50 at concurrency 1 <= 0.6 ms (every model and batch); gateway
+    throughput at concurrency 16 on the trivial upstream >= 0.5 x direct; idle
+    RSS <= 80 MB; start-up (spawn -> first successful response) <= 1 s.
+
+Bounds
+    Loopback only. Every process this command starts (model server, gateways,
+    nginx, load generator) is stopped by its pid, SIGTERM then SIGKILL, also on
+    error, Ctrl-C or SIGTERM. The nginx port is chosen by binding a socket to
+    port 0 and closing it (nginx cannot report its port), which leaves a small
+    race; a failed bind is retried with a new port. Slices are bounded in time
+    (``--requests`` slices are capped at ``MAX_SLICE_S``) and calls have a
+    deadline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import re
+import select
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+PREDICT = "/tensorflow.serving.PredictionService/Predict"
+TARGET_NAMES = ("direct", "gateway", "nginx")
+BATCHES = (1, 32)
+CONCURRENCIES = (1, 16)
+ECHO_WIDTH = 16  # floats per echo row
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+CALL_TIMEOUT_S = 10.0
+MAX_SLICE_S = 60.0  # cap on one slice when --requests is used
+READY_POLL_S = 0.002
+MODEL_INPUTS = {"echo": "x", "mnist": "images"}
+MODEL_OUTPUTS = {"echo": ("y",), "mnist": ("probabilities", "logits")}
+
+# The targets, as (name, limit, unit); see the module docstring.
+ADDED_P50_LIMIT_MS = 0.6
+THROUGHPUT_RATIO_LIMIT = 0.5
+IDLE_RSS_LIMIT_MB = 80.0
+STARTUP_LIMIT_S = 1.0
+
+
+class BenchError(Exception):
+    """The benchmark could not run; the message says what to fix."""
+
+
+# ---------------------------------------------------------------------------
+# Processes
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Started:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+    info: dict[str, Any] = field(default_factory=dict)
+    spawn_to_ready_s: float = 0.0
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def address(self) -> str:
+        return f"127.0.0.1:{int(self.info['grpc_port'])}"
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+def stop_process(popen: subprocess.Popen[Any], grace_s: float = 10.0) -> None:
+    """SIGTERM the pid, wait up to ``grace_s``, then SIGKILL it."""
+    if popen.poll() is not None:
+        return
+    try:
+        os.kill(popen.pid, signal.SIGTERM)
+        popen.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(popen.pid, signal.SIGKILL)
+        popen.wait(5)
+    except ProcessLookupError:
+        pass
+
+
+def _child_env() -> dict[str, str]:
+    path = os.environ.get("PYTHONPATH", "")
+    return {
+        **os.environ,
+        "PYTHONPATH": str(REPO) + (os.pathsep + path if path else ""),
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+def start_with_ready_file(
+    name: str, argv: list[str], workdir: Path, timeout_s: float, stack: contextlib.ExitStack
+) -> Started:
+    """Spawn ``argv --ready-file F`` and wait for F; the process is stopped when ``stack`` closes."""
+    ready = workdir / f"{name}.ready.json"
+    ready.unlink(missing_ok=True)
+    log_path = workdir / f"{name}.log"
+    with open(log_path, "wb") as log:
+        spawned = time.perf_counter()
+        popen = subprocess.Popen(
+            [*argv, "--ready-file", str(ready)],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=_child_env(), cwd=REPO,
+        )
+    stack.callback(stop_process, popen)
+    proc = Started(name, popen, log_path)
+    deadline = spawned + timeout_s
+    while not ready.exists():
+        if popen.poll() is not None:
+            raise BenchError(f"{name} exited with {popen.returncode} before it was ready:\n{proc.log_tail()}")
+        if time.perf_counter() > deadline:
+            raise BenchError(f"{name} was not ready after {timeout_s:.0f} s:\n{proc.log_tail()}")
+        time.sleep(READY_POLL_S)
+    proc.spawn_to_ready_s = time.perf_counter() - spawned
+    proc.info = json.loads(ready.read_text())
+    return proc
+
+
+def tfshield_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "gateway.cli", *args]
+
+
+def free_port() -> int:
+    """A port that was free a moment ago (bind to 0, close): only for nginx, which cannot report one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# ---------------------------------------------------------------------------
+# nginx
+# ---------------------------------------------------------------------------
+
+
+def nginx_version(binary: str) -> tuple[int, ...]:
+    out = subprocess.run([binary, "-v"], capture_output=True, text=True, timeout=10)
+    match = re.search(r"nginx/(\d+)\.(\d+)\.(\d+)", out.stderr + out.stdout)
+    if match is None:
+        raise BenchError(f"cannot read the version of {binary}: {out.stderr.strip()}")
+    return tuple(int(part) for part in match.groups())
+
+
+def nginx_conf(tmp: Path, port: int, upstream_port: int, version: tuple[int, ...]) -> str:
+    """A minimal gRPC reverse proxy: one worker, upstream keepalive, nothing logged per request."""
+    # `http2 on;` replaced `listen ... http2` in 1.25.1; older versions reject it.
+    new_http2 = version >= (1, 25, 1)
+    listen = f"listen 127.0.0.1:{port}" + (";\n        http2 on;" if new_http2 else " http2;")
+    # As root, nginx would switch its worker to `nobody`, which cannot enter the private temp dir.
+    user = ""
+    if os.geteuid() == 0:
+        import pwd
+
+        user = f"user {pwd.getpwuid(os.geteuid()).pw_name};"
+    return f"""{user}
+daemon off;
+master_process on;
+worker_processes 1;
+pid {tmp}/nginx.pid;
+error_log {tmp}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/client_body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    client_max_body_size 0;
+    client_body_buffer_size 4m;
+    keepalive_requests 100000000;
+    keepalive_timeout 600s;
+    upstream model_server {{
+        server 127.0.0.1:{upstream_port};
+        keepalive 64;
+        keepalive_requests 100000000;
+        keepalive_timeout 600s;
+    }}
+    server {{
+        {listen}
+        location / {{
+            grpc_pass grpc://model_server;
+            grpc_read_timeout 60s;
+            grpc_send_timeout 60s;
+        }}
+    }}
+}}
+"""
+
+
+def start_nginx(binary: str, upstream_port: int, workdir: Path, stack: contextlib.ExitStack) -> Started:
+    version = nginx_version(binary)
+    tmp = workdir / "nginx"
+    tmp.mkdir(exist_ok=True)
+    last_error = ""
+    for _attempt in range(3):
+        port = free_port()
+        conf = tmp / "nginx.conf"
+        conf.write_text(nginx_conf(tmp, port, upstream_port, version))
+        log_path = tmp / "stderr.log"
+        with open(log_path, "wb") as log:
+            popen = subprocess.Popen(
+                [binary, "-c", str(conf), "-p", str(tmp)],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            )
+        stack.callback(stop_process, popen)
+        proc = Started("nginx", popen, log_path, {"grpc_port": port, "version": ".".join(map(str, version))})
+        deadline = time.monotonic() + 10.0
+        while time.monotonic() < deadline and popen.poll() is None:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                if sock.connect_ex(("127.0.0.1", port)) == 0:
+                    return proc
+            time.sleep(0.02)
+        errors = (tmp / "error.log").read_text(errors="replace") if (tmp / "error.log").exists() else ""
+        last_error = proc.log_tail() + errors
+        stop_process(popen)
+        if "Address already in use" not in last_error:
+            break
+    raise BenchError(f"nginx did not start:\n{last_error}")
+
+
+# ---------------------------------------------------------------------------
+# Models and requests
+# ---------------------------------------------------------------------------
+
+
+def prepare_models(models: list[str], base: Path, cache_dir: Path) -> None:
+    """Put every requested model under ``base`` (one model server serves them all)."""
+    base.mkdir(parents=True, exist_ok=True)
+    if "echo" in models:
+        from gateway.model.testmodels import build_test_models_cached
+
+        shutil.copytree(build_test_models_cached(cache_dir) / "echo", base / "echo")
+    if "mnist" in models:
+        from gateway.model.demo import train_demo_model
+
+        demo_base = Path(train_demo_model(cache_dir))
+        source = demo_base / "mnist"
+        if not source.is_dir():
+            raise BenchError(f"train_demo_model returned {demo_base}, which has no mnist/ model")
+        shutil.copytree(source, base / "mnist", symlinks=False)
+
+
+def build_request(model: str, batch: int, seed: int = 0) -> bytes:
+    """An official PredictRequest for ``model`` with ``batch`` rows, serialised once."""
+    import numpy as np
+    from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
+    from tensorflow_serving.apis import predict_pb2
+
+    rng = np.random.default_rng(seed)
+    shape = (batch, ECHO_WIDTH) if model == "echo" else (batch, 28, 28, 1)
+    values = rng.random(shape, dtype=np.float32)
+    tensor = tensor_pb2.TensorProto(
+        dtype=types_pb2.DT_FLOAT,
+        tensor_shape=tensor_shape_pb2.TensorShapeProto(
+            dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=n) for n in shape]
+        ),
+        tensor_content=values.astype("<f4").tobytes(),
+    )
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = model
+    request.model_spec.signature_name = "serving_default"
+    request.inputs[MODEL_INPUTS[model]].CopyFrom(tensor)
+    return request.SerializeToString()
+
+
+def check_responses(addresses: dict[str, str], requests: dict[str, bytes]) -> dict[str, Any]:
+    """One call per target and request: outputs present, and every proxy's answer equals direct's."""
+    import grpc
+    from tensorflow_serving.apis import predict_pb2
+
+    options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+    checks: dict[str, Any] = {}
+    for key, raw in requests.items():
+        model = key.split("/")[0]
+        answers = {}
+        for target, address in addresses.items():
+            with grpc.insecure_channel(address, options=options) as channel:
+                call = channel.unary_unary(PREDICT)
+                answer = predict_pb2.PredictResponse.FromString(call(raw, timeout=CALL_TIMEOUT_S))
+            missing = set(MODEL_OUTPUTS[model]) - set(answer.outputs)
+            if missing:
+                raise BenchError(f"{target} answered {key} without outputs {sorted(missing)}")
+            answers[target] = answer
+        checks[key] = {target: answers[target] == answers["direct"] for target in answers}
+        bad = [target for target, same in checks[key].items() if not same]
+        if bad:
+            raise BenchError(f"{', '.join(bad)} answered {key} differently from the model server")
+    return checks
+
+
+# ---------------------------------------------------------------------------
+# The load generator (its own process; imports only grpc)
+# ---------------------------------------------------------------------------
+
+
+class _LoadGenerator:
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.channels: dict[str, Any] = {}
+        self.calls: dict[str, Any] = {}
+        self.requests: dict[str, bytes] = {}
+
+    async def _connect(self, targets: dict[str, str]) -> None:
+        import grpc
+
+        options = [
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.enable_retries", 0),
+        ]
+        for name, address in targets.items():
+            channel = grpc.aio.insecure_channel(address, options=options)
+            await asyncio.wait_for(channel.channel_ready(), 10.0)
+            self.channels[name] = channel
+            self.calls[name] = channel.unary_unary(PREDICT)
+
+    async def _run(
+        self, target: str, request: str, concurrency: int, duration_s: float, max_requests: int | None
+    ) -> dict[str, Any]:
+        import grpc
+
+        call = self.calls[target]
+        raw = self.requests[request]
+        latencies: list[float] = []
+        errors: dict[str, int] = {}
+        budget = [max_requests if max_requests is not None else -1]
+        stop_at = time.perf_counter() + (duration_s if max_requests is None else MAX_SLICE_S)
+        perf = time.perf_counter
+
+        async def worker() -> None:
+            while perf() < stop_at:
+                if budget[0] == 0:
+                    return
+                budget[0] -= 1
+                started = perf()
+                try:
+                    await call(raw, timeout=CALL_TIMEOUT_S)
+                except grpc.aio.AioRpcError as exc:
+                    errors[exc.code().name] = errors.get(exc.code().name, 0) + 1
+                    continue
+                latencies.append(perf() - started)
+
+        cpu0 = time.process_time()
+        started = perf()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = perf() - started
+        return {
+            "elapsed_s": elapsed,
+            "client_cpu_s": time.process_time() - cpu0,
+            "errors": errors,
+            "latencies_us": [round(x * 1e6, 1) for x in latencies],
+        }
+
+    def handle(self, command: dict[str, Any]) -> dict[str, Any]:
+        op = command["op"]
+        if op == "connect":
+            self.loop.run_until_complete(self._connect(command["targets"]))
+            return {"ok": True}
+        if op == "load":
+            self.requests[command["name"]] = Path(command["path"]).read_bytes()
+            return {"ok": True}
+        if op == "run":
+            result = self.loop.run_until_complete(
+                self._run(
+                    command["target"], command["request"], int(command["concurrency"]),
+                    float(command["duration_s"]), command.get("max_requests"),
+                )
+            )
+            return {"ok": True, **result}
+        if op == "close":
+            for channel in self.channels.values():
+                self.loop.run_until_complete(channel.close())
+            return {"ok": True}
+        raise ValueError(f"unknown op {op!r}")
+
+
+def client_main() -> int:
+    """The load generator: JSON commands on stdin, one JSON answer per line on stdout."""
+    out = sys.stdout
+    sys.stdout = sys.stderr  # nothing but answers on the protocol stream
+    generator = _LoadGenerator()
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        try:
+            answer = generator.handle(json.loads(line))
+        except Exception as exc:  # report, keep serving; the driver decides
+            answer = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        out.write(json.dumps(answer) + "\n")
+        out.flush()
+        if json.loads(line).get("op") == "close":
+            break
+    return 0
+
+
+class ClientProcess:
+    """The driver's handle on the load-generator process."""
+
+    def __init__(self, workdir: Path, stack: contextlib.ExitStack) -> None:
+        self.log_path = workdir / "client.log"
+        with open(self.log_path, "wb") as log:
+            self.popen = subprocess.Popen(
+                [sys.executable, "-m", "gateway.bench"],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, env=_child_env(), cwd=REPO,
+            )
+        stack.callback(stop_process, self.popen)
+        self._buffer = b""
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def ask(self, command: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+        assert self.popen.stdin is not None and self.popen.stdout is not None
+        self.popen.stdin.write((json.dumps(command) + "\n").encode())
+        self.popen.stdin.flush()
+        deadline = time.monotonic() + timeout_s
+        fd = self.popen.stdout.fileno()
+        while b"\n" not in self._buffer:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise BenchError(f"load generator did not answer {command['op']} within {timeout_s:.0f} s")
+            ready, _, _ = select.select([fd], [], [], remaining)
+            if ready:
+                chunk = os.read(fd, 1 << 20)
+                if not chunk:
+                    raise BenchError(f"load generator exited:\n{self.log_path.read_text(errors='replace')}")
+                self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        answer: dict[str, Any] = json.loads(line)
+        if not answer.get("ok"):
+            raise BenchError(f"load generator failed on {command['op']}: {answer.get('error')}")
+        return answer
+
+
+# ---------------------------------------------------------------------------
+# Measurement helpers
+# ---------------------------------------------------------------------------
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    import psutil
+
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            times = psutil.Process(pid).cpu_times()
+            total += times.user + times.system
+    return total
+
+
+def rss_mb(pid: int) -> dict[str, float]:
+    import psutil
+
+    process = psutil.Process(pid)
+    info = process.memory_full_info()
+    return {"rss_mb": info.rss / 2**20, "uss_mb": info.uss / 2**20}
+
+
+def tensorflow_mappings(pid: int) -> list[str]:
+    """Files mapped into ``pid`` whose path mentions tensorflow (none for a gateway, by design)."""
+    found = set()
+    with open(f"/proc/{pid}/maps") as maps:
+        for line in maps:
+            parts = line.split(maxsplit=5)
+            if len(parts) == 6 and "tensorflow" in parts[5]:
+                found.add(parts[5].strip())
+    return sorted(found)
+
+
+def nginx_worker_pids(master: int) -> list[int]:
+    import psutil
+
+    with contextlib.suppress(psutil.Error):
+        return [child.pid for child in psutil.Process(master).children()]
+    return []
+
+
+def first_success_s(address: str, raw: bytes, spawned_at: float, timeout_s: float = 10.0) -> float:
+    """Seconds from ``spawned_at`` until a Predict through ``address`` succeeds."""
+    import grpc
+
+    deadline = time.perf_counter() + timeout_s
+    last: Exception | None = None
+    with grpc.insecure_channel(address) as channel:
+        call = channel.unary_unary(PREDICT)
+        while time.perf_counter() < deadline:
+            try:
+                call(raw, timeout=max(0.1, deadline - time.perf_counter()), wait_for_ready=True)
+                return time.perf_counter() - spawned_at
+            except grpc.RpcError as exc:
+                last = exc
+                time.sleep(0.005)
+    raise BenchError(f"no successful call through {address} within {timeout_s:.0f} s: {last}")
+
+
+def percentiles_ms(latencies_us: list[float]) -> dict[str, float]:
+    import numpy as np
+
+    if not latencies_us:
+        return {"p50_ms": 0.0, "p90_ms": 0.0, "p99_ms": 0.0, "mean_ms": 0.0}
+    values = np.asarray(latencies_us) / 1000.0
+    p50, p90, p99 = np.percentile(values, [50, 90, 99])
+    return {"p50_ms": float(p50), "p90_ms": float(p90), "p99_ms": float(p99), "mean_ms": float(values.mean())}
+
+
+# ---------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Settings:
+    models: list[str]
+    duration_s: float
+    requests: int | None
+    rounds: int
+    warmup_s: float
+    startup_runs: int
+    nginx: bool
+    out: Path
+    cache_dir: Path
+    quick: bool
+    batches: tuple[int, ...] = BATCHES
+    concurrencies: tuple[int, ...] = CONCURRENCIES
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)
+
+
+def _cells(settings: Settings) -> Iterator[tuple[str, int, int]]:
+    for model in settings.models:
+        for batch in settings.batches:
+            for concurrency in settings.concurrencies:
+                yield model, batch, concurrency
+
+
+def _slice_timeout(settings: Settings, duration_s: float) -> float:
+    return (MAX_SLICE_S if settings.requests is not None else duration_s) + CALL_TIMEOUT_S + 30.0
+
+
+def measure_cells(
+    settings: Settings,
+    client: ClientProcess,
+    targets: list[str],
+    proxy_pids: dict[str, list[int]],
+    server_pid: int,
+) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    cells = list(_cells(settings))
+    slice_s = settings.duration_s / settings.rounds
+    slice_requests = None if settings.requests is None else max(1, settings.requests // settings.rounds)
+    for index, (model, batch, concurrency) in enumerate(cells, 1):
+        request = f"{model}/b{batch}"
+        for target in targets:  # unrecorded warm-up, also re-primes each connection
+            client.ask(
+                {"op": "run", "target": target, "request": request, "concurrency": concurrency,
+                 "duration_s": settings.warmup_s, "max_requests": None},
+                _slice_timeout(settings, settings.warmup_s),
+            )
+        pooled: dict[str, dict[str, Any]] = {
+            t: {"latencies_us": [], "elapsed_s": 0.0, "errors": {}, "client_cpu_s": 0.0,
+                "proxy_cpu_s": 0.0, "server_cpu_s": 0.0, "round_rps": []}
+            for t in targets
+        }
+        for round_ in range(settings.rounds):
+            order = targets[round_ % len(targets):] + targets[: round_ % len(targets)]
+            for target in order:
+                pids = proxy_pids.get(target, [])
+                proxy0, server0 = cpu_seconds(pids), cpu_seconds([server_pid])
+                answer = client.ask(
+                    {"op": "run", "target": target, "request": request, "concurrency": concurrency,
+                     "duration_s": slice_s, "max_requests": slice_requests},
+                    _slice_timeout(settings, slice_s),
+                )
+                acc = pooled[target]
+                acc["proxy_cpu_s"] += cpu_seconds(pids) - proxy0
+                acc["server_cpu_s"] += cpu_seconds([server_pid]) - server0
+                acc["latencies_us"] += answer["latencies_us"]
+                acc["elapsed_s"] += answer["elapsed_s"]
+                acc["client_cpu_s"] += answer["client_cpu_s"]
+                for code, count in answer["errors"].items():
+                    acc["errors"][code] = acc["errors"].get(code, 0) + count
+                acc["round_rps"].append(len(answer["latencies_us"]) / answer["elapsed_s"])
+        cell_rows = []
+        for target in targets:
+            acc = pooled[target]
+            completed = len(acc["latencies_us"])
+            row: dict[str, Any] = {
+                "model": model, "batch": batch, "concurrency": concurrency, "target": target,
+                "requests": completed, "errors": acc["errors"], "elapsed_s": acc["elapsed_s"],
+                "rps": completed / acc["elapsed_s"] if acc["elapsed_s"] else 0.0,
+                **percentiles_ms(acc["latencies_us"]),
+                "round_rps": acc["round_rps"],
+                "client_cpu_pct": 100.0 * acc["client_cpu_s"] / acc["elapsed_s"] if acc["elapsed_s"] else 0.0,
+                "server_cpu_us_per_request": 1e6 * acc["server_cpu_s"] / completed if completed else 0.0,
+                "proxy_cpu_us_per_request": (
+                    1e6 * acc["proxy_cpu_s"] / completed if completed and target != "direct" else None
+                ),
+            }
+            cell_rows.append(row)
+        direct = next(r for r in cell_rows if r["target"] == "direct")
+        for row in cell_rows:
+            row["added_p50_ms"] = row["p50_ms"] - direct["p50_ms"]
+            row["throughput_ratio"] = row["rps"] / direct["rps"] if direct["rps"] else 0.0
+            errors = sum(row["errors"].values())
+            _say(
+                f"[{index}/{len(cells)}] {model:<5} batch {batch:>2} conc {concurrency:>2} "
+                f"{row['target']:<7} "
+                f"{row['requests']:>6} calls {row['rps']:>8.0f} req/s  p50 {row['p50_ms']:6.3f} ms  "
+                f"p99 {row['p99_ms']:6.3f} ms" + (f"  errors {errors}" if errors else "")
+            )
+        rows += cell_rows
+    return rows
+
+
+def judge(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The targets next to the measured values."""
+    checks: list[dict[str, Any]] = []
+    rows = results["rows"]
+    for row in rows:
+        if row["target"] == "gateway" and row["concurrency"] == 1:
+            checks.append({
+                "target": f"added p50, {row['model']} batch {row['batch']} conc 1",
+                "measured": row["added_p50_ms"], "limit": ADDED_P50_LIMIT_MS, "op": "<=", "unit": "ms",
+            })
+    for row in rows:
+        if row["target"] == "gateway" and row["concurrency"] == 16 and row["model"] == "echo":
+            checks.append({
+                "target": f"throughput vs direct, echo batch {row['batch']} conc 16",
+                "measured": row["throughput_ratio"], "limit": THROUGHPUT_RATIO_LIMIT, "op": ">=", "unit": "x",
+            })
+    gateway = results["gateway"]
+    checks.append({
+        "target": "idle RSS", "measured": gateway["idle_rss_mb"], "limit": IDLE_RSS_LIMIT_MB,
+        "op": "<=", "unit": "MB",
+    })
+    checks.append({
+        "target": "start-up, spawn -> first response (median)",
+        "measured": gateway["startup"]["spawn_to_first_response_s_median"], "limit": STARTUP_LIMIT_S,
+        "op": "<=", "unit": "s",
+    })
+    for check in checks:
+        measured, limit = check["measured"], check["limit"]
+        check["pass"] = bool(measured <= limit if check["op"] == "<=" else measured >= limit)
+    return checks
+
+
+def format_report(results: dict[str, Any]) -> str:
+    lines = []
+    header = (
+        f"{'model':<6}{'batch':>6}{'conc':>5}  {'target':<8}{'calls':>8}{'req/s':>9}{'p50 ms':>9}"
+        f"{'p99 ms':>9}{'+p50 ms':>9}{'x direct':>9}{'proxy CPU':>11}{'server CPU':>11}{'client CPU':>11}"
+    )
+    lines += [header, f"{'':<52}{'':>16}{'us/call':>11}{'us/call':>11}{'%':>11}", "-" * len(header)]
+    previous = None
+    for row in results["rows"]:
+        cell = (row["model"], row["batch"], row["concurrency"])
+        if previous is not None and cell != previous:
+            lines.append("")
+        previous = cell
+        direct = row["target"] == "direct"
+        proxy_cpu = row["proxy_cpu_us_per_request"]
+        lines.append(
+            f"{row['model']:<6}{row['batch']:>6}{row['concurrency']:>5}  {row['target']:<8}"
+            f"{row['requests']:>8}{row['rps']:>9.0f}{row['p50_ms']:>9.3f}{row['p99_ms']:>9.3f}"
+            f"{'-' if direct else format(row['added_p50_ms'], '+.3f'):>9}"
+            f"{'-' if direct else format(row['throughput_ratio'], '.2f'):>9}"
+            f"{'-' if proxy_cpu is None else format(proxy_cpu, '.0f'):>11}"
+            f"{row['server_cpu_us_per_request']:>11.0f}{row['client_cpu_pct']:>11.0f}"
+        )
+    gateway = results["gateway"]
+    startup = gateway["startup"]
+    lines += [
+        "",
+        "gateway process:",
+        f"  start-up, spawn -> ready file:     median {startup['spawn_to_ready_s_median'] * 1000:7.1f} ms  "
+        f"(runs: {', '.join(f'{x * 1000:.0f}' for x in startup['spawn_to_ready_s'])} ms)",
+        "  start-up, spawn -> first response: median "
+        f"{startup['spawn_to_first_response_s_median'] * 1000:7.1f} ms"
+        f"  (runs: {', '.join(f'{x * 1000:.0f}' for x in startup['spawn_to_first_response_s'])} ms)",
+        f"  RSS idle after warm-up: {gateway['idle_rss_mb']:.1f} MB (USS {gateway['idle_uss_mb']:.1f} MB); "
+        f"after the run: {gateway['final_rss_mb']:.1f} MB",
+        "  TensorFlow loaded: "
+        + ("NO (no tensorflow library mapped)" if not gateway["tensorflow_mapped"]
+           else "YES: " + ", ".join(gateway["tensorflow_mapped"])),
+    ]
+    for name, info in results["others"].items():
+        lines.append(f"  for comparison, {name}: RSS {info['rss_mb']:.1f} MB")
+    lines += ["", "targets:"]
+    for check in results["targets"]:
+        lines.append(
+            f"  {'PASS' if check['pass'] else 'MISS'}  {check['target']:<44} "
+            f"{check['measured']:8.3f} {check['unit']:<2} "
+            f"(target {check['op']} {check['limit']} {check['unit']})"
+        )
+    for note in results["notes"]:
+        lines.append(f"note: {note}")
+    return "\n".join(lines)
+
+
+def run(settings: Settings) -> dict[str, Any]:
+    import grpc
+
+    notes: list[str] = []
+    workdir = Path(tempfile.mkdtemp(prefix="tfshield-bench-"))
+    results: dict[str, Any] = {
+        "version": 1,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "host": {
+            "cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "grpc": grpc.__version__,
+        },
+        "settings": {
+            "models": settings.models, "duration_s": settings.duration_s, "requests": settings.requests,
+            "rounds": settings.rounds, "warmup_s": settings.warmup_s, "startup_runs": settings.startup_runs,
+            "batches": list(settings.batches), "concurrencies": list(settings.concurrencies),
+            "quick": settings.quick,
+        },
+        "notes": notes,
+    }
+    try:
+        with contextlib.ExitStack() as stack:
+            _say(f"preparing models {', '.join(settings.models)} ...")
+            base = workdir / "models"
+            prepare_models(settings.models, base, settings.cache_dir)
+            requests = {f"{m}/b{b}": build_request(m, b) for m in settings.models for b in settings.batches}
+            for key, raw in requests.items():
+                (workdir / f"{key.replace('/', '_')}.pb").write_bytes(raw)
+
+            _say("starting the model server ...")
+            server = start_with_ready_file(
+                "model-server",
+                tfshield_argv("model-server", "--model-base-path", str(base), "--port", "0"),
+                workdir, 180.0, stack,
+            )
+            addresses = {"direct": server.address()}
+            first_key = next(iter(requests))
+            first_success_s(server.address(), requests[first_key], time.perf_counter(), 60.0)
+
+            _say(f"starting the gateway {settings.startup_runs} time(s) to time its start-up ...")
+            gateway_argv = tfshield_argv(
+                "serve", "--upstream", server.address(), "--port", "0", "--metrics-port", "0",
+                "--log-level", "WARNING",
+            )
+            to_ready, to_first = [], []
+            gateway = None
+            for run_index in range(settings.startup_runs):
+                with contextlib.ExitStack() as one:
+                    spawned = time.perf_counter()
+                    gateway = start_with_ready_file(f"gateway-{run_index}", gateway_argv, workdir, 30.0, one)
+                    to_first.append(first_success_s(gateway.address(), requests[first_key], spawned))
+                    to_ready.append(gateway.spawn_to_ready_s)
+                    if run_index == settings.startup_runs - 1:
+                        stack.push(one.pop_all())  # keep the last one for the benchmark
+            assert gateway is not None
+            addresses["gateway"] = gateway.address()
+            proxy_pids = {"gateway": [gateway.pid]}
+
+            nginx_binary = shutil.which("nginx") or next(
+                (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None
+            )
+            nginx = None
+            if not settings.nginx:
+                notes.append("nginx row skipped: --no-nginx")
+            elif nginx_binary is None:
+                notes.append("nginx row skipped: nginx is not installed (apt-get install -y nginx)")
+            else:
+                _say("starting nginx ...")
+                nginx = start_nginx(nginx_binary, int(server.info["grpc_port"]), workdir, stack)
+                first_success_s(nginx.address(), requests[first_key], time.perf_counter())
+                addresses["nginx"] = nginx.address()
+                proxy_pids["nginx"] = nginx_worker_pids(nginx.pid) or [nginx.pid]
+                results["host"]["nginx"] = nginx.info["version"]
+            targets = [t for t in TARGET_NAMES if t in addresses]
+
+            results["response_checks"] = check_responses(addresses, requests)
+            _say(f"responses identical across {', '.join(targets)}")
+
+            client = ClientProcess(workdir, stack)
+            client.ask({"op": "connect", "targets": addresses}, 30.0)
+            for key in requests:
+                path = workdir / f"{key.replace('/', '_')}.pb"
+                client.ask({"op": "load", "name": key, "path": str(path)}, 10.0)
+
+            # Warm the gateway through every request kind, then let it go idle before reading its RSS.
+            for key in requests:
+                client.ask(
+                    {"op": "run", "target": "gateway", "request": key, "concurrency": 16,
+                     "duration_s": settings.warmup_s, "max_requests": None},
+                    _slice_timeout(settings, settings.warmup_s),
+                )
+            time.sleep(1.0)
+            idle = rss_mb(gateway.pid)
+            tf_maps = tensorflow_mappings(gateway.pid)
+
+            _say(
+                f"measuring {len(list(_cells(settings)))} cells x {len(targets)} targets, "
+                f"{settings.rounds} alternating round(s) of "
+                + (f"{settings.duration_s / settings.rounds:.2f} s" if settings.requests is None
+                   else f"{max(1, settings.requests // settings.rounds)} calls")
+                + f" each, after a {settings.warmup_s:.2f} s warm-up per target"
+            )
+            results["rows"] = measure_cells(settings, client, targets, proxy_pids, server.pid)
+            client.ask({"op": "close"}, 10.0)
+
+            final = rss_mb(gateway.pid)
+            results["gateway"] = {
+                "pid": gateway.pid,
+                "startup": {
+                    "spawn_to_ready_s": to_ready,
+                    "spawn_to_first_response_s": to_first,
+                    "spawn_to_ready_s_median": statistics.median(to_ready),
+                    "spawn_to_first_response_s_median": statistics.median(to_first),
+                },
+                "idle_rss_mb": idle["rss_mb"],
+                "idle_uss_mb": idle["uss_mb"],
+                "final_rss_mb": final["rss_mb"],
+                "tensorflow_mapped": tf_maps,
+                "tensorflow_loaded": bool(tf_maps),
+            }
+            results["others"] = {"model server": rss_mb(server.pid)}
+            if nginx is not None:
+                for pid in proxy_pids["nginx"]:
+                    results["others"][f"nginx worker {pid}"] = rss_mb(pid)
+            results["targets"] = judge(results)
+    except BenchError:
+        _say(f"(process logs kept in {workdir})")
+        raise
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return results
+
+
+def _raise_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+def parse_args(argv: list[str] | None) -> Settings:
+    parser = argparse.ArgumentParser(
+        prog="tfshield bench",
+        description="Benchmark client -> model server directly, through the tfshield gateway and through "
+        "nginx grpc_pass, on this machine, in one run. Prints a table, writes JSON.",
+    )
+    parser.add_argument("--models", default="echo,mnist", help="comma-separated: echo, mnist (default both)")
+    parser.add_argument(
+        "--duration-s", type=float, help="seconds of measurement per cell and target (default 3)"
+    )
+    parser.add_argument("--requests", type=int, help="calls per cell and target instead of a duration")
+    parser.add_argument("--rounds", type=int, help="alternating rounds a cell is split into (default 3)")
+    parser.add_argument("--warmup-s", type=float, help="unrecorded warm-up per cell and target (default 0.3)")
+    parser.add_argument("--startup-runs", type=int, help="gateway starts timed (default 3)")
+    parser.add_argument("--quick", action="store_true", help="a short run (for tests): 0.4 s cells, 1 round")
+    parser.add_argument("--no-nginx", action="store_true", help="skip the nginx row")
+    parser.add_argument("--out", default="bench-results/bench.json", help="JSON results file")
+    parser.add_argument(
+        "--cache-dir", default=str(REPO / ".cache"), help="where the demo model is trained once and cached"
+    )
+    args = parser.parse_args(argv)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in models if m not in MODEL_INPUTS]
+    if unknown or not models:
+        parser.error(f"--models: unknown {', '.join(unknown) or '(none)'}; known: {', '.join(MODEL_INPUTS)}")
+    quick = args.quick
+    settings = Settings(
+        models=models,
+        duration_s=args.duration_s if args.duration_s is not None else (0.4 if quick else 3.0),
+        requests=args.requests,
+        rounds=args.rounds if args.rounds is not None else (1 if quick else 3),
+        warmup_s=args.warmup_s if args.warmup_s is not None else (0.1 if quick else 0.3),
+        startup_runs=args.startup_runs if args.startup_runs is not None else (1 if quick else 3),
+        nginx=not args.no_nginx,
+        out=Path(args.out),
+        cache_dir=Path(args.cache_dir),
+        quick=quick,
+    )
+    if settings.duration_s <= 0 or settings.rounds < 1 or settings.warmup_s < 0 or settings.startup_runs < 1:
+        parser.error("--duration-s must be > 0, --rounds and --startup-runs >= 1, --warmup-s >= 0")
+    if settings.requests is not None and settings.requests < 1:
+        parser.error("--requests must be >= 1")
+    return settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    try:
+        results = run(settings)
+    except BenchError as exc:
+        print(f"tfshield bench: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    _say("")
+    _say(format_report(results))
+    settings.out.parent.mkdir(parents=True, exist_ok=True)
+    settings.out.write_text(json.dumps(results, indent=2) + "\n")
+    _say(f"\nJSON written to {settings.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(client_main())
