@@ -5,8 +5,9 @@
 
 ``echo/1``
     The trivial upstream for benchmarks and wire tests. Signature
-    ``serving_default`` (predict): input ``x`` float32 ``[-1, -1]`` → output
-    ``y`` = ``x`` (one Identity op, no variables, so it costs almost nothing).
+    ``serving_default`` (predict): input ``x`` float32 of any shape (unknown
+    rank, so a proxy test may send any float tensor) → output ``y`` = ``x``
+    (one Identity op, no variables, so it costs almost nothing).
 
 ``classifier/1`` and ``classifier/2``
     A fixed linear model over one tf.Example feature ``x`` (float, length 4).
@@ -51,7 +52,7 @@ REGRESSION_SLOPE = 0.5
 REGRESSION_BIAS_BY_VERSION = {1: 2.0, 2: 3.0}
 
 # Bump when a model below changes, so cached copies are rebuilt.
-TEST_MODELS_RECIPE = "test-models-v1"
+TEST_MODELS_RECIPE = "test-models-v2"
 
 
 def expected_classifier_scores(x: np.ndarray) -> np.ndarray:
@@ -161,7 +162,7 @@ def _echo_module_and_signatures() -> tuple[object, dict[str, object]]:
     import tensorflow as tf
 
     class Echo(tf.Module):
-        @tf.function(input_signature=[tf.TensorSpec([None, None], tf.float32, name="x")])
+        @tf.function(input_signature=[tf.TensorSpec(None, tf.float32, name="x")])
         def serve(self, x: tf.Tensor) -> dict[str, tf.Tensor]:
             return {"y": tf.identity(x)}
 
