@@ -204,12 +204,13 @@ class ModelRegistry:
                 servables.append(load_servable(model_dir.name, version, export_dir))
                 logger.info(
                     "loaded model %s version %d from %s in %.1f s",
-                    model_dir.name, version, export_dir, time.monotonic() - started,
+                    model_dir.name,
+                    version,
+                    export_dir,
+                    time.monotonic() - started,
                 )
         if not servables:
-            raise TfshieldError(
-                f"no models under {base}: expected {base}/<name>/<version>/saved_model.pb"
-            )
+            raise TfshieldError(f"no models under {base}: expected {base}/<name>/<version>/saved_model.pb")
         return cls(servables)
 
     def names(self) -> list[str]:
@@ -340,7 +341,9 @@ _VARINT_FIELDS = {
 _HALF_TYPES = (types_pb2.DT_HALF, types_pb2.DT_BFLOAT16)
 
 
-def write_tensor(array: np.ndarray, dtype_enum: int, out: tensor_pb2.TensorProto, as_tensor_content: bool) -> None:
+def write_tensor(
+    array: np.ndarray, dtype_enum: int, out: tensor_pb2.TensorProto, as_tensor_content: bool
+) -> None:
     """Encode ``array`` into ``out`` as TF Serving does (``AsProtoField`` or ``AsProtoTensorContent``).
 
     Fixed-width values are written as one packed field straight from the
@@ -391,12 +394,14 @@ def _run(servable: Servable, signature_name: str, inputs: dict[str, Any]) -> dic
     if function is None:
         raise ServingError(
             grpc.StatusCode.FAILED_PRECONDITION,
-            f"Signature \"{signature_name}\" of model {servable.name} cannot be run (it has no function)",
+            f'Signature "{signature_name}" of model {servable.name} cannot be run (it has no function)',
         )
     try:
         return function(**{alias: tf.constant(value) for alias, value in inputs.items()})
     except tf.errors.OpError as exc:
-        raise ServingError(_STATUS_BY_NUMBER.get(exc.error_code, grpc.StatusCode.UNKNOWN), exc.message) from exc
+        raise ServingError(
+            _STATUS_BY_NUMBER.get(exc.error_code, grpc.StatusCode.UNKNOWN), exc.message
+        ) from exc
     except (TypeError, ValueError) as exc:
         raise _invalid(str(exc).strip().splitlines()[0]) from exc
 
@@ -405,7 +410,9 @@ def _run(servable: Servable, signature_name: str, inputs: dict[str, Any]) -> dic
 
 
 def predict(
-    registry: ModelRegistry, request: predict_pb2.PredictRequest, as_tensor_content: bool,
+    registry: ModelRegistry,
+    request: predict_pb2.PredictRequest,
+    as_tensor_content: bool,
     check_method_name: bool = False,
 ) -> predict_pb2.PredictResponse:
     if not request.HasField("model_spec"):
@@ -418,12 +425,15 @@ def predict(
             grpc.StatusCode.FAILED_PRECONDITION, f'Serving signature key "{signature_name}" not found.'
         )
     if check_method_name and signature.method_name not in (
-        PREDICT_METHOD_NAME, CLASSIFY_METHOD_NAME, REGRESS_METHOD_NAME,
+        PREDICT_METHOD_NAME,
+        CLASSIFY_METHOD_NAME,
+        REGRESS_METHOD_NAME,
     ):
         raise ServingError(
             grpc.StatusCode.INTERNAL,
             "Expected prediction signature method_name to be one of {"
-            f"{PREDICT_METHOD_NAME}, {CLASSIFY_METHOD_NAME}, {REGRESS_METHOD_NAME}}}. Was: {signature.method_name}",
+            f"{PREDICT_METHOD_NAME}, {CLASSIFY_METHOD_NAME}, {REGRESS_METHOD_NAME}}}. "
+            f"Was: {signature.method_name}",
         )
     response = predict_pb2.PredictResponse()
     _set_model_spec(response.model_spec, servable.name, servable.version, signature_name)
@@ -433,11 +443,15 @@ def predict(
     outputs = _run(servable, signature_name, inputs)
     for alias in output_aliases:
         tensor = outputs[alias]
-        write_tensor(tensor.numpy(), tensor.dtype.as_datatype_enum, response.outputs[alias], as_tensor_content)
+        write_tensor(
+            tensor.numpy(), tensor.dtype.as_datatype_enum, response.outputs[alias], as_tensor_content
+        )
     return response
 
 
-def _predict_inputs(signature: meta_graph_pb2.SignatureDef, request: predict_pb2.PredictRequest) -> dict[str, Any]:
+def _predict_inputs(
+    signature: meta_graph_pb2.SignatureDef, request: predict_pb2.PredictRequest
+) -> dict[str, Any]:
     """Check and decode the request's inputs against the signature (predict_util.cc, saved_model/util.cc)."""
     request_keys, signature_keys = set(request.inputs), set(signature.inputs)
     if len(request_keys) > len(signature_keys) or (
@@ -478,7 +492,8 @@ def _predict_inputs(signature: meta_graph_pb2.SignatureDef, request: predict_pb2
         info, proto = signature.inputs[alias], protos[alias]
         if proto.dtype != info.dtype:
             raise _invalid(
-                f"Expects arg[{index}] to be {dtype_string(info.dtype)} but {dtype_string(proto.dtype)} is provided"
+                f"Expects arg[{index}] to be {dtype_string(info.dtype)} "
+                f"but {dtype_string(proto.dtype)} is provided"
             )
         if not _shape_is_compatible(decoded[alias].shape, info.tensor_shape):
             expected = _shape_string(dim.size for dim in info.tensor_shape.dim)
@@ -489,7 +504,9 @@ def _predict_inputs(signature: meta_graph_pb2.SignatureDef, request: predict_pb2
     return decoded
 
 
-def _predict_output_aliases(signature: meta_graph_pb2.SignatureDef, request: predict_pb2.PredictRequest) -> list[str]:
+def _predict_output_aliases(
+    signature: meta_graph_pb2.SignatureDef, request: predict_pb2.PredictRequest
+) -> list[str]:
     if not request.output_filter:
         return list(signature.outputs)
     seen: set[str] = set()
@@ -524,7 +541,9 @@ def serialized_examples(model_input: input_pb2.Input) -> list[bytes]:
     return examples
 
 
-def _signature_for(servable: Servable, model_spec: model_pb2.ModelSpec) -> tuple[str, meta_graph_pb2.SignatureDef]:
+def _signature_for(
+    servable: Servable, model_spec: model_pb2.ModelSpec
+) -> tuple[str, meta_graph_pb2.SignatureDef]:
     signature_name = model_spec.signature_name or DEFAULT_SIGNATURE
     signature = servable.signature_defs.get(signature_name)
     if signature is None:
@@ -543,10 +562,13 @@ def _check_classification_signature(signature: meta_graph_pb2.SignatureDef, chec
     if len(signature.outputs) not in (1, 2):
         raise _invalid(f"Expected one or two output Tensors, found {len(signature.outputs)}")
     if CLASSIFY_INPUTS not in signature.inputs:
-        raise _invalid(f"No classification inputs found in SignatureDef: {text_format.MessageToString(signature)}")
+        raise _invalid(
+            f"No classification inputs found in SignatureDef: {text_format.MessageToString(signature)}"
+        )
     if CLASSIFY_OUTPUT_CLASSES not in signature.outputs and CLASSIFY_OUTPUT_SCORES not in signature.outputs:
         raise _invalid(
-            f'Expected classification signature outputs to contain at least one of "{CLASSIFY_OUTPUT_CLASSES}" '
+            "Expected classification signature outputs to contain at least one of "
+            f'"{CLASSIFY_OUTPUT_CLASSES}" '
             f'or "{CLASSIFY_OUTPUT_SCORES}". Signature was: {text_format.MessageToString(signature)}'
         )
 
@@ -554,16 +576,24 @@ def _check_classification_signature(signature: meta_graph_pb2.SignatureDef, chec
 def _check_regression_signature(signature: meta_graph_pb2.SignatureDef, check_method_name: bool) -> None:
     if check_method_name and signature.method_name != REGRESS_METHOD_NAME:
         raise _invalid(
-            f"Expected regression signature method_name to be {REGRESS_METHOD_NAME}. Was: {signature.method_name}"
+            f"Expected regression signature method_name to be {REGRESS_METHOD_NAME}. "
+            f"Was: {signature.method_name}"
         )
     if len(signature.inputs) != 1:
         raise _invalid("Expected one input Tensor.")
     if len(signature.outputs) != 1:
         raise _invalid("Expected one output Tensor.")
     if REGRESS_INPUTS not in signature.inputs:
-        raise _invalid(f"No regression inputs found in SignatureDef: {text_format.MessageToString(signature)}")
+        raise _invalid(
+            f"No regression inputs found in SignatureDef: {text_format.MessageToString(signature)}"
+        )
     if REGRESS_OUTPUTS not in signature.outputs:
-        raise _invalid(f"No regression outputs found in SignatureDef: {text_format.MessageToString(signature)}")
+        raise _invalid(
+            f"No regression outputs found in SignatureDef: {text_format.MessageToString(signature)}"
+        )
+
+
+NOT_A_SCORE_MATRIX = "Expected Tensor shape: [batch_size num_classes] but got "
 
 
 def _fill_classification(
@@ -574,21 +604,24 @@ def _fill_classification(
     scores = scores_tensor.numpy() if scores_tensor is not None else None
     if classes is not None:
         if classes.ndim != 2:
-            raise _invalid(f"Expected Tensor shape: [batch_size num_classes] but got {list(classes.shape)}")
+            raise _invalid(NOT_A_SCORE_MATRIX + _shape_string(classes.shape))
         if outputs[CLASSIFY_OUTPUT_CLASSES].dtype != tf.string:
-            raise _invalid(f"Expected classes Tensor of DT_STRING. Got: {outputs[CLASSIFY_OUTPUT_CLASSES].dtype.name}")
+            raise _invalid(
+                f"Expected classes Tensor of DT_STRING. Got: {outputs[CLASSIFY_OUTPUT_CLASSES].dtype.name}"
+            )
         if classes.shape[0] != num_examples:
             raise _invalid(f"Expected classes output batch size of {num_examples}. Got: {classes.shape[0]}")
     if scores is not None:
         if scores.ndim != 2:
-            raise _invalid(f"Expected Tensor shape: [batch_size num_classes] but got {list(scores.shape)}")
+            raise _invalid(NOT_A_SCORE_MATRIX + _shape_string(scores.shape))
         if scores_tensor.dtype != tf.float32:
             raise _invalid(f"Expected scores Tensor of DT_FLOAT. Got: {scores_tensor.dtype.name}")
         if scores.shape[0] != num_examples:
             raise _invalid(f"Expected scores output batch size of {num_examples}. Got: {scores.shape[0]}")
     if classes is not None and scores is not None and classes.shape[1] != scores.shape[1]:
         raise _invalid(
-            f"Tensors class and score should match in dim_size(1). Got {classes.shape[1]} vs. {scores.shape[1]}"
+            "Tensors class and score should match in dim_size(1). "
+            f"Got {classes.shape[1]} vs. {scores.shape[1]}"
         )
     num_classes = (classes if classes is not None else scores).shape[1]
     for i in range(num_examples):
@@ -601,15 +634,20 @@ def _fill_classification(
                 entry.score = float(scores[i, c])
 
 
-def _fill_regression(outputs: dict[str, Any], num_examples: int, result: regression_pb2.RegressionResult) -> None:
+def _fill_regression(
+    outputs: dict[str, Any], num_examples: int, result: regression_pb2.RegressionResult
+) -> None:
     tensor = outputs[REGRESS_OUTPUTS]
     values = tensor.numpy()
     if not (values.ndim == 1 or (values.ndim == 2 and values.shape[1] == 1)):
         raise _invalid(
-            f"Expected output Tensor shape to be either [batch_size] or [batch_size, 1] but got {list(values.shape)}"
+            "Expected output Tensor shape to be either [batch_size] or [batch_size, 1] "
+            f"but got {_shape_string(values.shape)}"
         )
     if values.shape[0] != num_examples:
-        raise _invalid(f"Input batch size did not match output batch size: {num_examples} vs. {values.shape[0]}")
+        raise _invalid(
+            f"Input batch size did not match output batch size: {num_examples} vs. {values.shape[0]}"
+        )
     if tensor.dtype != tf.float32:
         raise _invalid(f"Expected output Tensor of DT_FLOAT.  Got: {tensor.dtype.name}")
     for value in values.ravel():
@@ -622,7 +660,9 @@ def _example_outputs(servable: Servable, signature_name: str, examples: list[byt
 
 
 def classify(
-    registry: ModelRegistry, request: classification_pb2.ClassificationRequest, check_method_name: bool = False
+    registry: ModelRegistry,
+    request: classification_pb2.ClassificationRequest,
+    check_method_name: bool = False,
 ) -> classification_pb2.ClassificationResponse:
     if not request.HasField("model_spec"):
         raise _invalid("Missing ModelSpec")
@@ -692,7 +732,9 @@ def multi_inference(
             _fill_classification(outputs, len(examples), result.classification_result)
         else:
             _fill_regression(outputs, len(examples), result.regression_result)
-        _set_model_spec(result.model_spec, task.model_spec.name, servable.version, task.model_spec.signature_name)
+        _set_model_spec(
+            result.model_spec, task.model_spec.name, servable.version, task.model_spec.signature_name
+        )
     return response
 
 
@@ -797,7 +839,9 @@ class _Hooks:
         trailers = []
         for key, value in metadata:
             if key.startswith(testhooks.ECHO_REQUEST_PREFIX):
-                trailers.append((testhooks.ECHO_TRAILER_PREFIX + key[len(testhooks.ECHO_REQUEST_PREFIX):], value))
+                trailers.append(
+                    (testhooks.ECHO_TRAILER_PREFIX + key[len(testhooks.ECHO_REQUEST_PREFIX) :], value)
+                )
             if key == testhooks.DEADLINE_ECHO_KEY:
                 remaining_s = context.time_remaining()
                 if remaining_s is not None and remaining_s < _NO_DEADLINE_S:
@@ -828,7 +872,9 @@ class _Hooks:
 
 
 class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
-    def __init__(self, registry: ModelRegistry, hooks: _Hooks, as_tensor_content: bool, check_method_name: bool):
+    def __init__(
+        self, registry: ModelRegistry, hooks: _Hooks, as_tensor_content: bool, check_method_name: bool
+    ):
         self._registry = registry
         self._hooks = hooks
         self._as_tensor_content = as_tensor_content
@@ -836,7 +882,8 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
 
     def Predict(self, request, context):  # noqa: N802 (gRPC's method names)
         return self._hooks.handle(
-            "Predict", context,
+            "Predict",
+            context,
             lambda: predict(self._registry, request, self._as_tensor_content, self._check_method_name),
         )
 
@@ -846,13 +893,17 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         )
 
     def Regress(self, request, context):  # noqa: N802
-        return self._hooks.handle("Regress", context, lambda: regress(self._registry, request, self._check_method_name))
+        return self._hooks.handle(
+            "Regress", context, lambda: regress(self._registry, request, self._check_method_name)
+        )
 
     def MultiInference(self, request, context):  # noqa: N802
         return self._hooks.handle("MultiInference", context, lambda: multi_inference(self._registry, request))
 
     def GetModelMetadata(self, request, context):  # noqa: N802
-        return self._hooks.handle("GetModelMetadata", context, lambda: model_metadata(self._registry, request))
+        return self._hooks.handle(
+            "GetModelMetadata", context, lambda: model_metadata(self._registry, request)
+        )
 
 
 class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
@@ -911,7 +962,9 @@ def create_server(
     hooks = _Hooks(counts)
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
         PredictionServicer(
-            registry, hooks, options.enable_serialization_as_tensor_content,
+            registry,
+            hooks,
+            options.enable_serialization_as_tensor_content,
             options.enable_signature_method_name_check,
         ),
         server,
@@ -943,11 +996,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=0, help="gRPC port; 0 picks a free one (default 0)")
     parser.add_argument("--ready-file", help="write {'pid', 'grpc_port'} here once serving")
     parser.add_argument(
-        "--enable-serialization-as-tensor-content", action="store_true",
+        "--enable-serialization-as-tensor-content",
+        action="store_true",
         help="encode Predict outputs in tensor_content instead of typed fields",
     )
     parser.add_argument(
-        "--enable-signature-method-name-check", action="store_true",
+        "--enable-signature-method-name-check",
+        action="store_true",
         help="refuse signatures whose method_name does not fit the API called, as upstream's flag",
     )
     parser.add_argument(
@@ -955,7 +1010,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--workers", type=int, default=16, help="threads answering calls (default 16)")
     parser.add_argument(
-        "--shutdown-grace-s", type=float, default=10.0,
+        "--shutdown-grace-s",
+        type=float,
+        default=10.0,
         help="on SIGTERM, seconds in-flight calls may take to finish (default 10)",
     )
     args = parser.parse_args(argv)
