@@ -1,0 +1,120 @@
+"""Start and stop tfshield servers as child processes (used by the demo).
+
+Each server is started with ``--ready-file`` and port 0, waited for through
+that file (see :mod:`gateway.readyfile`), and stopped by its pid: SIGTERM,
+then SIGKILL after a grace period. Children get their own session, so a
+Ctrl-C in the terminal reaches only the parent, which then stops them in
+order (gateway first, then the model server behind it).
+
+The test suite has its own helper (``tests/procs.py``) with the same
+contract; this one exists so the shipped package never imports from tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gateway.errors import TfshieldError
+
+# The directory holding the ``gateway`` package, so ``python -m gateway.cli``
+# works in a child even when tfshield is not installed.
+SOURCE_ROOT = Path(__file__).resolve().parent.parent.parent
+LOG_TAIL_CHARS = 4000
+
+
+@dataclass
+class ServerProcess:
+    """A running server: its process, what its ready file said, and where it logs."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def port(self, kind: str = "grpc") -> int:
+        """The port the server reported as ``<kind>_port`` (``grpc``, ``metrics``)."""
+        return int(self.info[f"{kind}_port"])
+
+    def address(self, kind: str = "grpc") -> str:
+        return f"127.0.0.1:{self.port(kind)}"
+
+    def log_tail(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-LOG_TAIL_CHARS:]
+        except OSError:
+            return ""
+
+    def stop(self, grace_s: float = 10.0) -> int | None:
+        """SIGTERM, wait up to ``grace_s``, then SIGKILL; returns the exit code."""
+        if self.popen.poll() is None:
+            try:
+                os.kill(self.pid, signal.SIGTERM)
+                self.popen.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                os.kill(self.pid, signal.SIGKILL)
+                self.popen.wait(5)
+            except ProcessLookupError:
+                pass
+        return self.popen.returncode
+
+
+def tfshield_command(*args: str) -> list[str]:
+    """The ``tfshield`` CLI run by this interpreter (no reliance on PATH)."""
+    return [sys.executable, "-m", "gateway.cli", *args]
+
+
+def start_server(
+    argv: list[str],
+    workdir: Path,
+    name: str,
+    timeout_s: float = 120.0,
+    env: dict[str, str] | None = None,
+) -> ServerProcess:
+    """Run ``argv + ["--ready-file", F]`` with output to ``workdir/<name>.log``; wait until F appears.
+
+    Raises TfshieldError, with the end of the server's log, if it exits or is
+    not ready within ``timeout_s``.
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    ready_path = workdir / f"{name}.ready.json"
+    ready_path.unlink(missing_ok=True)
+    log_path = workdir / f"{name}.log"
+    python_path = os.pathsep.join(p for p in (str(SOURCE_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    full_env = {**os.environ, "PYTHONPATH": python_path, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
+    with open(log_path, "wb") as log:
+        popen = subprocess.Popen(
+            [*argv, "--ready-file", str(ready_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=full_env,
+            start_new_session=True,
+        )
+    server = ServerProcess(name, popen, log_path)
+    deadline = time.monotonic() + timeout_s
+    while not ready_path.exists():
+        if popen.poll() is not None:
+            raise TfshieldError(
+                f"{name} exited with code {popen.returncode} before it was ready; "
+                f"its log ({log_path}) ends with:\n{server.log_tail()}"
+            )
+        if time.monotonic() > deadline:
+            server.stop()
+            raise TfshieldError(
+                f"{name} was not ready after {timeout_s:.0f} s; "
+                f"its log ({log_path}) ends with:\n{server.log_tail()}"
+            )
+        time.sleep(0.05)
+    server.info = json.loads(ready_path.read_text())
+    return server
