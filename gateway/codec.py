@@ -1,47 +1,51 @@
 """TensorProto ⇄ numpy, the gateway's hot-path decoder. No TensorFlow import.
 
-Wire rules (TensorFlow's ``Tensor::FromProto`` in ``tensor.cc``; DESIGN.md,
-"Wire facts"), and where the gateway is stricter than the model server:
+Wire rules, as TensorFlow's ``Tensor::FromProto`` (``tensor.cc``) applies them
+in the model server (DESIGN.md, "Wire facts"):
 
 - ``tensor_content`` wins when non-empty. It holds the elements packed little
-  endian, C order, and must be exactly ``itemsize × elements`` bytes. DT_STRING
-  content is the C++ encoding: one varint32 length per element, then the bytes
-  of every string back to back; the lengths must add up to exactly the rest.
-- Otherwise the typed field of the dtype holds the values (``float_val``,
-  ``int_val`` for int8/int16/int32/uint8/uint16, ``half_val`` uint16 bit
-  patterns for DT_HALF and DT_BFLOAT16, ``float8_val`` one byte per value,
-  ``scomplex_val``/``dcomplex_val`` (real, imaginary) pairs, ...). Fewer values
-  than elements: the last value is repeated; no values: zeros (``b""`` for
-  strings).
-- Narrow integers in ``int_val`` and bit patterns in ``half_val`` keep their low
-  bits, as the server's C++ conversion does (``int_val`` 300 is int8 44), so the
-  detectors see exactly the tensor the model sees.
-- Stricter than the server, which would accept these: more typed values than
-  elements (the server drops the extra ones), an odd number of floats in a
-  complex field (it drops the last one), values in a typed field that does not
-  belong to the dtype (it ignores them), ``tensor_content`` on a tensor with no
-  elements (it ignores it), unknown or negative dimensions, a rank above what
-  numpy can hold, and more elements than ``max_elements``. Each raises
-  :class:`~gateway.errors.InvalidInput` naming the input.
+  endian in C order and must be exactly ``itemsize × elements`` bytes; DT_BOOL
+  bytes must be 0 or 1. DT_STRING content is the C++ encoding: one varint32
+  length per element, then the bytes of every string back to back, the lengths
+  adding up to exactly the rest.
+- Otherwise the dtype's typed field holds the values: ``float_val``,
+  ``double_val``, ``int_val`` (int8/int16/int32/uint8/uint16), ``int64_val``,
+  ``uint32_val``, ``uint64_val``, ``bool_val``, ``string_val``, ``half_val``
+  (uint16 bit patterns, one per int32, for DT_HALF and DT_BFLOAT16),
+  ``float8_val`` (one byte per value), ``scomplex_val``/``dcomplex_val``
+  ((real, imaginary) pairs). Fewer values than elements: the last value is
+  repeated; no values: zeros (``b""`` for strings).
+- Narrow integers in ``int_val`` and bit patterns in ``half_val`` keep their
+  low bits, as the server's C++ conversion does (``int_val`` 300 is int8 44),
+  so that detectors see exactly the tensor the model sees.
+- Negative (unknown) dimensions are refused, as the server refuses them.
+
+The gateway is stricter than the server, which accepts these: more typed
+values than elements (the server drops the extra ones), an odd count in a
+complex field (it drops the last number), values in a typed field that does not
+belong to the dtype (it ignores them), ``tensor_content`` on a tensor with no
+elements (it ignores it), ``unknown_rank``, a rank above what numpy can hold
+(:data:`MAX_RANK`), and more elements than ``max_elements``. Every refusal is an
+:class:`~gateway.errors.InvalidInput` naming the input.
 
 Units: shapes and limits count elements, never bytes; sizes in messages are
 bytes. Decoded dtypes are numpy's, with two exceptions because numpy has none:
-DT_BFLOAT16 and the DT_FLOAT8_* types decode to float32 holding the exact same
+DT_BFLOAT16 and DT_FLOAT8_E5M2/E4M3FN decode to float32 holding the exact same
 values (every bfloat16 and float8 value is a float32 value).
 
-Cost (measured on the 2-core dev machine; see the numbers in
-``tests/gateway/test_codec.py``'s docstring): the shape is checked against
-``max_elements`` with Python ints before anything proportional to it is
-allocated. From ``tensor_content`` the decode is ``np.frombuffer`` on the bytes
-object the message hands out: no copy beyond the one protobuf makes to hand out
-a ``bytes`` (the upb backend copies a bytes field on every access), and the
-array is **read-only** (``flags.writeable`` is False). DT_BOOL, DT_BFLOAT16 and
-DT_FLOAT8 from content are converted (one pass, new array); so is DT_BOOL only
-when a byte is neither 0 nor 1. From typed fields the values are copied into a
-new, writable array (protobuf's upb backend does this in C through the field's
-``__array__``; other backends fall back to ``np.fromiter``), and a short field
-is broadcast into a new array of the full size. Strings always cost one Python
-``bytes`` object per element.
+Cost: the claimed shape is checked against ``max_elements`` with Python ints
+before anything proportional to it is allocated. From ``tensor_content`` the
+decode is ``np.frombuffer`` on the ``bytes`` the message hands out, without a
+copy of its own (protobuf's upb backend copies a bytes field into a new
+``bytes`` on every access; that memcpy is the only one); the array is
+**read-only**. DT_BFLOAT16 and DT_FLOAT8 content are converted into a new array.
+From typed fields the values are copied into a new, writable array (upb does it
+in C through the field's ``__array__``; other protobuf backends fall back to
+``np.fromiter``); a short field is broadcast into a new array of full size.
+Strings cost one Python ``bytes`` object per element. Measured on the 2-core dev
+machine (Python 3.11, protobuf 7 upb, numpy 2.4), float32 [1, 28, 28, 1]: about
+3.5 µs from ``tensor_content``, 6 µs from ``float_val``; [32, 28, 28, 1]: about
+5.5 µs and 8 µs.
 """
 
 from __future__ import annotations
@@ -122,9 +126,15 @@ def _half_bits_to_float16(raw: np.ndarray) -> np.ndarray:
     return raw.astype(np.uint16).view(np.float16)
 
 
+class _Malformed(ValueError):
+    """Raised by a converter; tensor_to_numpy turns it into InvalidInput for the input."""
+
+
 def _bytes_to_bool(raw: np.ndarray) -> np.ndarray:
-    """One byte per bool; a byte other than 0/1 is true (and not a valid numpy bool, so convert)."""
-    return raw != 0 if raw.max(initial=0) > 1 else raw.view(np.bool_)
+    """One byte per bool, 0 or 1, as the server requires; the view costs one pass to check."""
+    if raw.max(initial=0) > 1:
+        raise _Malformed("tensor_content of DT_BOOL has a byte other than 0 or 1")
+    return raw.view(np.bool_)
 
 
 def _float8_table(datatype: int) -> np.ndarray:
@@ -284,9 +294,9 @@ def tensor_to_numpy(tensor: tensor_pb2.TensorProto, input_name: str, max_element
     (float32 for DT_BFLOAT16 and DT_FLOAT8_*, object holding ``bytes`` for
     DT_STRING). Decoded from ``tensor_content`` it is a **read-only** view of the
     content bytes (``arr.base`` chain ends in a ``bytes``) for every fixed-width
-    dtype except DT_BFLOAT16, DT_FLOAT8_* and DT_BOOL with a byte other than
-    0/1, which are converted into a new array; from typed fields it is a new
-    writable array. See the module docstring for the wire rules and costs.
+    dtype except DT_BFLOAT16 and DT_FLOAT8_*, which are converted into a new
+    array; from typed fields it is a new writable array. See the module
+    docstring for the wire rules and costs.
 
     Raises InvalidInput (naming ``input_name``) for a malformed or unsupported
     tensor, and nothing else whatever the message holds.
@@ -333,6 +343,15 @@ def tensor_to_numpy(tensor: tensor_pb2.TensorProto, input_name: str, max_element
     elements = math.prod(dims)
     if elements > max_elements:
         raise InvalidInput(input_name, f"shape {dims} has {elements} elements; the limit is {max_elements}")
+    if elements == 0 and dims:
+        # numpy refuses even an empty shape whose other dimensions overflow its size type.
+        span = math.prod(size for size in dims if size)
+        if span > max_elements:
+            raise InvalidInput(
+                input_name,
+                f"shape {dims} has no elements, but its other dimensions multiply to {span};"
+                f" the limit is {max_elements}",
+            )
 
     values = None
     if typed is not None:
@@ -356,7 +375,10 @@ def tensor_to_numpy(tensor: tensor_pb2.TensorProto, input_name: str, max_element
                 )
             flat = np.frombuffer(content, dtype=content_dtype)
             if spec.from_content is not None:
-                flat = spec.from_content(flat)
+                try:
+                    flat = spec.from_content(flat)
+                except _Malformed as error:
+                    raise InvalidInput(input_name, str(error)) from None
     elif values is None:
         flat = _zeros(spec, elements)
     else:
