@@ -798,6 +798,7 @@ def run(settings: Settings) -> dict[str, Any]:
 
     notes: list[str] = []
     workdir = Path(tempfile.mkdtemp(prefix="tfshield-bench-"))
+    keep_workdir = False
     results: dict[str, Any] = {
         "version": 1,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -925,10 +926,12 @@ def run(settings: Settings) -> dict[str, Any]:
                     results["others"][f"nginx worker {pid}"] = rss_mb(pid)
             results["targets"] = judge(results)
     except BenchError:
+        keep_workdir = True
         _say(f"(process logs kept in {workdir})")
         raise
-    else:
-        shutil.rmtree(workdir, ignore_errors=True)
+    finally:
+        if not keep_workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
     return results
 
 
