@@ -1,0 +1,9 @@
+"""Detectors: estimators scoring how anomalous an input is (see ``detectors.base``).
+
+Importing this package registers every detector by name (``detectors.base.REGISTRY``).
+"""
+
+from detectors import autoencoder, mahalanobis, squeeze, validation  # noqa: F401  (registers them)
+from detectors.base import REGISTRY, Detection, Detector, detector_class
+
+__all__ = ["REGISTRY", "Detection", "Detector", "detector_class"]
