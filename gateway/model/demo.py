@@ -324,11 +324,21 @@ def send_benign_traffic(
 
 
 def scrape_metrics(metrics_port: int, max_lines: int = METRIC_LINES_SHOWN) -> list[str]:
-    """A few ``tfshield_`` sample lines from the gateway's /metrics."""
+    """A few non-zero ``tfshield_`` samples from the gateway's /metrics (no buckets or timestamps)."""
     url = f"http://127.0.0.1:{metrics_port}/metrics"
     with urllib.request.urlopen(url, timeout=5) as response:
         text = response.read().decode("utf-8", errors="replace")
-    samples = [line for line in text.splitlines() if line.startswith("tfshield_")]
+    samples = []
+    for line in text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if not line.startswith("tfshield_") or name.split("{")[0].endswith(("_created", "_bucket")):
+            continue
+        try:
+            if float(value) == 0.0:
+                continue
+        except ValueError:
+            continue
+        samples.append(line)
     return samples[:max_lines]
 
 
@@ -377,6 +387,7 @@ def main(argv: list[str]) -> int:
 
     workdir = Path(tempfile.mkdtemp(prefix="tfshield-demo-"))
     started: list[ServerProcess] = []
+    exit_code = 1
     stop_requested = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop_requested.set())
@@ -420,15 +431,20 @@ def main(argv: list[str]) -> int:
                 if any(proc.popen.poll() is not None for proc in started):
                     log("a server exited on its own; stopping")
                     break
-        return 0 if summary.answered == summary.requests else 1
+        exit_code = 0 if summary.answered == summary.requests else 1
     except TfshieldError as exc:
         log(f"demo failed: {exc}")
-        return 1
     finally:
         for proc in reversed(started):  # the gateway first, then the model server behind it
             code = proc.stop()
             log(f"stopped {proc.name} (pid {proc.pid}, exit code {code})")
-        log(f"server logs: {workdir}")
+            if code != 0:
+                exit_code = 1
+        if exit_code == 0:
+            shutil.rmtree(workdir, ignore_errors=True)
+        else:
+            log(f"server logs kept in {workdir}")
+    return exit_code
 
 
 def _print_summary(summary: TrafficSummary, metrics_port: int, log: Log) -> None:
