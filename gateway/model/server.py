@@ -596,34 +596,42 @@ def _check_regression_signature(signature: meta_graph_pb2.SignatureDef, check_me
 NOT_A_SCORE_MATRIX = "Expected Tensor shape: [batch_size num_classes] but got "
 
 
+def _classification_matrix(
+    outputs: dict[str, Any], alias: str, dtype_enum: int, num_examples: int
+) -> np.ndarray | None:
+    """Output ``alias`` (``classes`` or ``scores``) as a checked [batch, num_classes] array, if present."""
+    tensor = outputs.get(alias)
+    if tensor is None:
+        return None
+    values = tensor.numpy()
+    if values.ndim != 2:
+        raise _invalid(NOT_A_SCORE_MATRIX + _shape_string(values.shape))
+    if tensor.dtype.as_datatype_enum != dtype_enum:
+        raise _invalid(
+            f"Expected {alias} Tensor of {types_pb2.DataType.Name(dtype_enum)}. "
+            f"Got: {types_pb2.DataType.Name(tensor.dtype.as_datatype_enum)}"
+        )
+    if values.shape[0] != num_examples:
+        raise _invalid(f"Expected {alias} output batch size of {num_examples}. Got: {values.shape[0]}")
+    return values
+
+
 def _fill_classification(
     outputs: dict[str, Any], num_examples: int, result: classification_pb2.ClassificationResult
 ) -> None:
-    classes = outputs[CLASSIFY_OUTPUT_CLASSES].numpy() if CLASSIFY_OUTPUT_CLASSES in outputs else None
-    scores_tensor = outputs.get(CLASSIFY_OUTPUT_SCORES)
-    scores = scores_tensor.numpy() if scores_tensor is not None else None
-    if classes is not None:
-        if classes.ndim != 2:
-            raise _invalid(NOT_A_SCORE_MATRIX + _shape_string(classes.shape))
-        if outputs[CLASSIFY_OUTPUT_CLASSES].dtype != tf.string:
-            raise _invalid(
-                f"Expected classes Tensor of DT_STRING. Got: {outputs[CLASSIFY_OUTPUT_CLASSES].dtype.name}"
-            )
-        if classes.shape[0] != num_examples:
-            raise _invalid(f"Expected classes output batch size of {num_examples}. Got: {classes.shape[0]}")
-    if scores is not None:
-        if scores.ndim != 2:
-            raise _invalid(NOT_A_SCORE_MATRIX + _shape_string(scores.shape))
-        if scores_tensor.dtype != tf.float32:
-            raise _invalid(f"Expected scores Tensor of DT_FLOAT. Got: {scores_tensor.dtype.name}")
-        if scores.shape[0] != num_examples:
-            raise _invalid(f"Expected scores output batch size of {num_examples}. Got: {scores.shape[0]}")
+    classes = _classification_matrix(outputs, CLASSIFY_OUTPUT_CLASSES, types_pb2.DT_STRING, num_examples)
+    scores = _classification_matrix(outputs, CLASSIFY_OUTPUT_SCORES, types_pb2.DT_FLOAT, num_examples)
     if classes is not None and scores is not None and classes.shape[1] != scores.shape[1]:
         raise _invalid(
             "Tensors class and score should match in dim_size(1). "
             f"Got {classes.shape[1]} vs. {scores.shape[1]}"
         )
-    num_classes = (classes if classes is not None else scores).shape[1]
+    present = classes if classes is not None else scores
+    if present is None:  # the signature check guarantees one of them; the graph may still not return it
+        raise _invalid(
+            f'Expected classification outputs "{CLASSIFY_OUTPUT_CLASSES}" or "{CLASSIFY_OUTPUT_SCORES}"'
+        )
+    num_classes = present.shape[1]
     for i in range(num_examples):
         classifications = result.classifications.add()
         for c in range(num_classes):
@@ -649,7 +657,10 @@ def _fill_regression(
             f"Input batch size did not match output batch size: {num_examples} vs. {values.shape[0]}"
         )
     if tensor.dtype != tf.float32:
-        raise _invalid(f"Expected output Tensor of DT_FLOAT.  Got: {tensor.dtype.name}")
+        raise _invalid(
+            "Expected output Tensor of DT_FLOAT.  "
+            f"Got: {types_pb2.DataType.Name(tensor.dtype.as_datatype_enum)}"
+        )
     for value in values.ravel():
         result.regressions.add().value = float(value)
 

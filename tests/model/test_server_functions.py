@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from tensorflow.core.framework import tensor_pb2, types_pb2
-from tensorflow_serving.apis import predict_pb2
+from tensorflow_serving.apis import classification_pb2, predict_pb2
 
 from gateway.errors import TfshieldError
 from gateway.model.server import (
     ModelRegistry,
     ServingError,
+    classify,
     decode_string_content,
     find_versions,
     predict,
@@ -122,3 +123,28 @@ def test_a_base_path_without_models_is_refused_with_the_expected_layout(tmp_path
 def test_a_missing_base_path_is_refused(tmp_path: Path) -> None:
     with pytest.raises(TfshieldError, match="is not a directory"):
         ModelRegistry.load(tmp_path / "nope")
+
+
+def test_classify_merges_the_shared_context_into_every_example(registry) -> None:
+    request = classification_pb2.ClassificationRequest()
+    request.model_spec.name, request.model_spec.signature_name = "classifier", "classify"
+    with_context = request.input.example_list_with_context
+    with_context.context.ParseFromString(make_example([0, 0, 9, 0]))
+    with_context.examples.add()
+    with_context.examples.add()
+    response = classify(registry, request)
+    winners = [max(row.classes, key=lambda c: c.score).label for row in response.result.classifications]
+    assert winners == ["two", "two"]
+
+
+def test_the_method_name_check_refuses_a_regress_signature_for_classify(registry) -> None:
+    request = classification_pb2.ClassificationRequest()
+    request.model_spec.name, request.model_spec.signature_name = "classifier", "regress"
+    request.input.example_list.examples.add().ParseFromString(make_example([1, 2, 3, 4]))
+    with pytest.raises(ServingError) as caught:
+        classify(registry, request, check_method_name=True)
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.message == (
+        "Expected classification signature method_name to be tensorflow/serving/classify. "
+        "Was: tensorflow/serving/regress"
+    )
