@@ -436,7 +436,34 @@ def _from_field(spec: DtypeSpec, field_values, dims: list[int], elements: int, i
 
 
 def _strings_from_content(content: bytes, elements: int, input_name: str) -> np.ndarray:
-    """The C++ string encoding: ``elements`` varint32 lengths, then the bytes back to back."""
+    """The C++ string encoding: ``elements`` varint32 lengths, then the bytes back to back.
+
+    Cost: O(elements) Python work, one ``bytes`` object per string; lengths
+    under 128 (one-byte varints, the usual case) are read in C.
+    """
+    size = len(content)
+    if elements <= size and content[:elements].isascii():
+        lengths = list(content[:elements])  # every length is one byte < 0x80
+        pos = elements
+    else:
+        lengths, pos = _varint32_lengths(content, elements, input_name)
+    total = sum(lengths)
+    if total != size - pos:
+        raise InvalidInput(
+            input_name,
+            f"tensor_content of DT_STRING has {size - pos} bytes of strings; its lengths add up to {total}",
+        )
+    strings = []
+    for length in lengths:
+        strings.append(content[pos : pos + length])
+        pos += length
+    flat = np.empty(elements, dtype=object)
+    flat[:] = strings
+    return flat
+
+
+def _varint32_lengths(content: bytes, elements: int, input_name: str) -> tuple[list[int], int]:
+    """Read ``elements`` varint32s from the start of ``content``; return them and where they end."""
     size = len(content)
     lengths = []
     pos = 0
@@ -459,19 +486,7 @@ def _strings_from_content(content: bytes, elements: int, input_name: str) -> np.
                 )
         # Like the server's GetVarint32: bits beyond 32 in a fifth byte are dropped.
         lengths.append(length & 0xFFFFFFFF)
-    total = sum(lengths)
-    if total != size - pos:
-        raise InvalidInput(
-            input_name,
-            f"tensor_content of DT_STRING has {size - pos} bytes of strings; its lengths add up to {total}",
-        )
-    strings = []
-    for length in lengths:
-        strings.append(content[pos : pos + length])
-        pos += length
-    flat = np.empty(elements, dtype=object)
-    flat[:] = strings
-    return flat
+    return lengths, pos
 
 
 def numpy_to_tensor(array, *, as_tensor_content: bool, dtype: int | None = None) -> tensor_pb2.TensorProto:
@@ -488,10 +503,11 @@ def numpy_to_tensor(array, *, as_tensor_content: bool, dtype: int | None = None)
     """
     arr = np.asarray(array)
     if dtype is None:
+        native = arr.dtype if arr.dtype.isnative else arr.dtype.newbyteorder("=")
         if arr.dtype.kind in "OSU":
             datatype = _DT_STRING
-        elif arr.dtype in _DATATYPE_BY_NUMPY:
-            datatype = _DATATYPE_BY_NUMPY[arr.dtype]
+        elif native in _DATATYPE_BY_NUMPY:
+            datatype = _DATATYPE_BY_NUMPY[native]
         else:
             raise ValueError(f"numpy dtype {arr.dtype} has no TensorFlow DataType; cast the array first")
     else:

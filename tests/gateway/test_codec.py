@@ -14,22 +14,20 @@ import subprocess
 import sys
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import ml_dtypes
+import numpy as np
+import pytest
+import tensorflow as tf
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from tensorflow.core.framework import tensor_pb2 as tf_tensor_pb2
+from tensorflow.core.framework import types_pb2 as tf_types_pb2
 
-import ml_dtypes  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import tensorflow as tf  # noqa: E402
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-from hypothesis.extra import numpy as hnp  # noqa: E402
-from tensorflow.core.framework import tensor_pb2 as tf_tensor_pb2  # noqa: E402
-from tensorflow.core.framework import types_pb2 as tf_types_pb2  # noqa: E402
-
-from gateway import codec  # noqa: E402
-from gateway.codec import DTYPES, MAX_RANK, numpy_to_tensor, tensor_to_numpy, tensor_uses_content  # noqa: E402
-from gateway.errors import InvalidInput  # noqa: E402
-from protos import tensor_pb2, types_pb2  # noqa: E402
+from gateway import codec
+from gateway.codec import DTYPES, MAX_RANK, numpy_to_tensor, tensor_to_numpy, tensor_uses_content
+from gateway.errors import InvalidInput
+from protos import tensor_pb2, types_pb2
 
 DT = types_pb2.DataType
 MAX_ELEMENTS = 10_000
@@ -117,7 +115,7 @@ def typed_official(values: np.ndarray, dims: tuple[int, ...]) -> tf_tensor_pb2.T
         official.string_val.extend(flat.tolist())
     elif dtype in ML_DTYPES[1:]:
         official.float8_val = flat.view(np.uint8).tobytes()
-    elif dtype.itemsize == 2 and dtype.kind != "i" and dtype.kind != "u":  # float16, bfloat16
+    elif dtype in (np.float16, ml_dtypes.bfloat16):
         official.half_val.extend(flat.view(np.uint16).tolist())
     elif dtype.kind == "c":
         field = official.scomplex_val if dtype == np.complex64 else official.dcomplex_val
@@ -178,13 +176,13 @@ def test_decodes_make_tensor_proto_output_like_tensorflow(dtype, data):
 def test_decodes_typed_fields_repeating_the_last_value_like_tensorflow(dtype, data):
     dims = data.draw(shapes)
     elements = math.prod(dims)
-    given_values = data.draw(st.sampled_from(sorted({0, min(1, elements), elements}))) if elements else 0
-    given_values = data.draw(st.one_of(st.just(given_values), st.integers(0, elements)))
-    values = data.draw(arrays_of(dtype, (given_values,)))
+    # No values (zeros), one value (broadcast), all of them, or anything between.
+    count = data.draw(st.sampled_from(sorted({0, min(1, elements), elements})) | st.integers(0, elements))
+    values = data.draw(arrays_of(dtype, (count,)))
     official = typed_official(values, dims)
     got = tensor_to_numpy(ours(official), "x", MAX_ELEMENTS)
     assert_same_tensor(got, server_decode(official))
-    if not (dtype == STRING and given_values == 0):  # make_ndarray pads strings with str "", not b""
+    if not (dtype == STRING and count == 0):  # make_ndarray pads strings with str "", not b""
         assert_same_tensor(got, tf.make_ndarray(official))
 
 
@@ -222,6 +220,13 @@ def test_numpy_to_tensor_casts_to_the_requested_dtype(as_tensor_content):
     assert_same_tensor(tensor_to_numpy(message, "x", MAX_ELEMENTS), arr.astype(np.float16))
 
 
+@pytest.mark.parametrize("as_tensor_content", [True, False], ids=["content", "typed"])
+def test_numpy_to_tensor_writes_big_endian_arrays_little_endian(as_tensor_content):
+    message = numpy_to_tensor(np.array([1, -2], dtype=">i4"), as_tensor_content=as_tensor_content)
+    assert message.dtype == DT.DT_INT32
+    assert_same_tensor(tensor_to_numpy(message, "x", 2), np.array([1, -2], dtype=np.int32))
+
+
 def test_one_value_fills_the_whole_shape():
     official = typed_official(np.array([7.5], dtype=np.float32), (2, 3))
     got = tensor_to_numpy(ours(official), "x", MAX_ELEMENTS)
@@ -237,21 +242,26 @@ def test_no_values_decode_to_zeros_and_empty_strings():
     assert_same_tensor(strings, server_decode(typed_official(_object_array([]), (2,))))
 
 
-def test_narrow_int_val_and_half_val_keep_their_low_bits_like_the_server():
-    cases = [
+@pytest.mark.parametrize(
+    ("dtype", "datatype", "field", "values"),
+    [
         (np.int8, tf_types_pb2.DT_INT8, "int_val", [300, -129]),
         (np.uint8, tf_types_pb2.DT_UINT8, "int_val", [-1, 256]),
         (np.uint16, tf_types_pb2.DT_UINT16, "int_val", [-1, 65537]),
         (np.int16, tf_types_pb2.DT_INT16, "int_val", [40000, -40000]),
-        (np.float16, tf_types_pb2.DT_HALF, "half_val", [-16384, 0x1C000]),  # 0xC000 is -2.0
-    ]
-    for dtype, datatype, field, values in cases:
-        official = tf_tensor_pb2.TensorProto(dtype=datatype)
-        official.tensor_shape.dim.add(size=2)
-        getattr(official, field).extend(values)
-        got = tensor_to_numpy(ours(official), "x", 10)
-        assert got.dtype == dtype
-        assert_same_tensor(got, server_decode(official))
+        (np.float16, tf_types_pb2.DT_HALF, "half_val", [-16384, 0x1C000]),  # both are 0xC000, -2.0
+    ],
+    ids=["int8", "uint8", "uint16", "int16", "half"],
+)
+def test_out_of_range_int_val_and_half_val_keep_their_low_bits_like_the_server(
+    dtype, datatype, field, values
+):
+    official = tf_tensor_pb2.TensorProto(dtype=datatype)
+    official.tensor_shape.dim.add(size=2)
+    getattr(official, field).extend(values)
+    got = tensor_to_numpy(ours(official), "x", 10)
+    assert got.dtype == dtype
+    assert_same_tensor(got, server_decode(official))
 
 
 def test_bfloat16_half_val_keeps_the_low_16_bits_like_the_server():
