@@ -110,6 +110,44 @@ class IdentityConfig:
 
 
 @dataclass(frozen=True)
+class ProtectedModelConfig:
+    """Input-anomaly detection for one model (see gateway/detect.py)."""
+
+    # model_spec.name of the protected model.
+    model: str
+    # Folder written by `tfshield calibrate`: manifest.json and one folder per detector.
+    artefacts: str
+    # What a flag does, by detector name: "record" (count it) or "block"
+    # (refuse with PERMISSION_DENIED). Detectors not named here record.
+    actions: dict[str, Literal["record", "block"]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DetectionConfig:
+    models: tuple[ProtectedModelConfig, ...] = ()
+    # Samples from concurrent requests are scored together: a batch is flushed
+    # at this many samples, or when its oldest sample has waited this long.
+    max_batch_size: int = 64
+    max_batch_delay_s: float = 0.001
+    # Samples waiting to be scored, at most; beyond it the failure mode applies.
+    max_queue_samples: int = 4096
+    # When scoring cannot happen (queue full, a detector raised): "closed"
+    # refuses the request, "open" forwards it unscored. Both are counted.
+    failure_mode: Literal["open", "closed"] = "closed"
+
+    def validate(self, path: str) -> None:
+        _require(self.max_batch_size >= 1, f"{path}.max_batch_size", "must be >= 1")
+        _require(0 <= self.max_batch_delay_s <= 1, f"{path}.max_batch_delay_s", "must be between 0 and 1")
+        _require(
+            self.max_queue_samples >= self.max_batch_size,
+            f"{path}.max_queue_samples",
+            "must be >= max_batch_size",
+        )
+        models = [m.model for m in self.models]
+        _require(len(set(models)) == len(models), f"{path}.models", "names a model twice")
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     # host:port of the Prometheus /metrics endpoint; port 0 = ephemeral. Empty disables it.
     listen: str = "127.0.0.1:9100"
@@ -128,6 +166,7 @@ class GatewayConfig:
     keepalive: KeepaliveConfig = field(default_factory=KeepaliveConfig)
     identity: IdentityConfig = field(default_factory=IdentityConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    detection: DetectionConfig = field(default_factory=DetectionConfig)
     # ModelService/HandleReloadConfigRequest unloads every model left out of
     # the new config: refused (PERMISSION_DENIED) unless this is true.
     allow_reload_config: bool = False
@@ -162,6 +201,13 @@ def _build(tp: Any, value: Any, path: str) -> Any:
         if value not in allowed:
             raise ConfigError(f"{path}: must be one of {', '.join(map(str, allowed))}, not {value!r}")
         return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: must be a mapping")
+        key_type, item_type = typing.get_args(tp)
+        return {
+            _build(key_type, k, path): _build(item_type, v, _join(path, k)) for k, v in value.items()
+        }
     if origin is tuple:
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{path}: must be a list")

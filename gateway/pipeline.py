@@ -10,6 +10,7 @@ those to gRPC statuses in one place.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import numpy as np
@@ -37,8 +38,15 @@ class Call:
     raw: bytes  # the request exactly as the client sent it
     model: str  # model_spec.name, "" if none
     client_id: str = ""
+    # The client's remaining deadline when the call arrived, seconds (None: no deadline).
+    timeout_s: float | None = None
     request: predict_pb2.PredictRequest | None = None
     inputs: dict[str, np.ndarray] = field(default_factory=dict)
+    # What goes upstream instead of ``raw``, when a stage had to change the request
+    # (model-in-the-loop detectors); None keeps the allow path byte-exact.
+    forward_raw: bytes | None = None
+    # Per-call state of the detect stage.
+    detect_state: Any = None
 
 
 class Stage:
@@ -51,6 +59,9 @@ class Stage:
 
     async def on_response(self, call: Call, response: bytes) -> bytes:
         return response
+
+    async def close(self) -> None:
+        return None
 
 
 class DecodeStage(Stage):

@@ -94,7 +94,21 @@ class Gateway:
         self.metrics = GatewayMetrics(self.registry, config.metrics.max_model_labels)
         self.identifier = ClientIdentifier(config.identity)
         self.stages: list[Stage] = [DecodeStage(config.limits.max_tensor_elements)]
+        if config.detection.models:
+            # Imported only when configured: a pass-through gateway loads no detector code.
+            from gateway.detect import DetectStage
+
+            self.stages.append(
+                DetectStage(
+                    config.detection,
+                    self.registry,
+                    upstream=lambda: self.upstream,
+                    in_flight=lambda: self.in_flight,
+                )
+            )
         self.health = HealthService()
+        # Calls being handled now (the micro-batcher asks whether more can join a batch).
+        self.in_flight = 0
         self.upstream: UpstreamPool | None = None
         self.server: grpc.aio.Server | None = None
         self.port = 0
@@ -141,6 +155,8 @@ class Gateway:
             self._probe_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._probe_task
+        for stage in self.stages:
+            await stage.close()
         if self.upstream is not None:
             await self.upstream.close()
         if self._metrics_httpd is not None:
@@ -175,6 +191,7 @@ class Gateway:
         async def handle(raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
             started = time.perf_counter()
             metrics.in_flight.inc()
+            self.in_flight += 1
             call = Call(method, raw, peek_model_name(raw, method))
             code = OK
             try:
@@ -182,9 +199,28 @@ class Gateway:
                     code = grpc.StatusCode.PERMISSION_DENIED
                     await context.abort(code, RELOAD_REFUSED)
                 call.client_id = identify(context)
+                call.timeout_s = context.time_remaining()
                 try:
                     for stage in stages:
                         await stage.on_request(call)
+                    assert self.upstream is not None
+                    forward = raw if call.forward_raw is None else call.forward_raw
+                    upstream_call = self.upstream.callable_for(path)(
+                        forward, metadata=forwardable(context.invocation_metadata()), timeout=call.timeout_s
+                    )
+                    upstream_started = time.perf_counter()
+                    try:
+                        response = await upstream_call
+                    except grpc.aio.AioRpcError as exc:
+                        code = exc.code()
+                        trailing = exc.trailing_metadata()
+                        if trailing:
+                            context.set_trailing_metadata(tuple(trailing))
+                        await context.abort(code, exc.details() or "")
+                    finally:
+                        upstream_duration.observe(time.perf_counter() - upstream_started)
+                    for stage in reversed(stages):
+                        response = await stage.on_response(call, response)
                 except InvalidInput as exc:
                     code = INVALID
                     metrics.invalid_requests.labels(method, exc.reason).inc()
@@ -192,34 +228,18 @@ class Gateway:
                 except Refusal as exc:
                     code = exc.code
                     await context.abort(code, exc.message)
-                assert self.upstream is not None
-                upstream_call = self.upstream.callable_for(path)(
-                    raw, metadata=forwardable(context.invocation_metadata()), timeout=context.time_remaining()
-                )
-                upstream_started = time.perf_counter()
-                try:
-                    response = await upstream_call
-                except grpc.aio.AioRpcError as exc:
-                    code = exc.code()
-                    trailing = exc.trailing_metadata()
-                    if trailing:
-                        context.set_trailing_metadata(tuple(trailing))
-                    await context.abort(code, exc.details() or "")
-                finally:
-                    upstream_duration.observe(time.perf_counter() - upstream_started)
                 initial = await upstream_call.initial_metadata()
                 if initial:
                     await context.send_initial_metadata(tuple(initial))
                 trailing = await upstream_call.trailing_metadata()
                 if trailing:
                     context.set_trailing_metadata(tuple(trailing))
-                for stage in reversed(stages):
-                    response = await stage.on_response(call, response)
                 return response
             except asyncio.CancelledError:
                 code = grpc.StatusCode.CANCELLED
                 raise
             finally:
+                self.in_flight -= 1
                 metrics.in_flight.dec()
                 metrics.requests.labels(metrics.model_label(call.model), method, code.name).inc()
                 request_duration.observe(time.perf_counter() - started)

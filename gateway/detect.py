@@ -1,0 +1,383 @@
+"""The detect stage: score every Predict request's inputs with calibrated detectors.
+
+For each protected model (``detection.models`` in the config, each loaded from
+a folder written by ``tfshield calibrate``):
+
+- **validation** runs inline on every request (dtype, per-sample shape,
+  NaN/Inf, value range): a violation is INVALID_ARGUMENT naming the input.
+- **stateless detectors** (Mahalanobis) score micro-batches gathered across
+  concurrent requests in a worker thread (:mod:`gateway.batching`).
+- **feature squeezing** puts its squeezed variants into the client's own
+  upstream call (one round trip), scores the split response, and returns only
+  the client's rows to the client, re-encoded in the form the upstream used.
+- **autoencoder** asks the autoencoder model (served beside the protected
+  model) for reconstructions, concurrently with the forwarded call.
+
+Until the policy engine exists, a flag refuses the request with
+PERMISSION_DENIED only when the model's ``actions`` say ``block`` for that
+detector; otherwise it is recorded (counted). The refusal names the rule,
+never the score.
+
+When scoring cannot happen — the queue is full, a detector raised, the
+autoencoder call failed — ``detection.failure_mode`` decides: ``closed``
+refuses (RESOURCE_EXHAUSTED for a full queue, UNAVAILABLE otherwise), ``open``
+forwards unscored. Both are counted; nothing is dropped silently.
+
+Stats (labels; scores are observed in units of the detector's threshold, so
+1.0 is the flag line for every detector):
+
+==========================================  =========  =====================
+tfshield_detector_score                     histogram  detector, model
+tfshield_detector_flags_total               counter    detector, model
+tfshield_detector_errors_total              counter    detector
+tfshield_detector_failures_total            counter    reason, mode
+tfshield_batch_size                         histogram  -
+tfshield_queue_wait_seconds                 histogram  -
+==========================================  =========  =====================
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from detectors.autoencoder import AutoencoderDetector
+from detectors.base import Detection, Detector
+from detectors.manifest import Manifest, load_artefacts
+from detectors.squeeze import FeatureSqueezing
+from detectors.validation import InputValidator
+from gateway.batching import MicroBatcher, QueueFull
+from gateway.codec import numpy_to_tensor, tensor_to_numpy, tensor_uses_content
+from gateway.config import DetectionConfig, ProtectedModelConfig
+from gateway.errors import ConfigError, InvalidInput
+from gateway.forward import UpstreamPool
+from gateway.pipeline import Call, Refusal, Stage
+from protos import predict_pb2
+
+log = logging.getLogger(__name__)
+
+PREDICT_PATH = "/tensorflow.serving.PredictionService/Predict"
+SCORE_RATIO_BUCKETS = (0.1, 0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0, 100.0)
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+QUEUE_WAIT_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05)
+# Responses are the upstream's: decode them without the request element limit.
+RESPONSE_MAX_ELEMENTS = 2**40
+
+
+class DetectMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.score = Histogram(
+            "tfshield_detector_score",
+            "Detector scores in units of the detector's threshold (1.0 = flag line).",
+            ["detector", "model"],
+            buckets=SCORE_RATIO_BUCKETS,
+            registry=registry,
+        )
+        self.flags = Counter(
+            "tfshield_detector_flags", "Samples flagged, by detector and model.", ["detector", "model"],
+            registry=registry,
+        )
+        self.errors = Counter(
+            "tfshield_detector_errors", "Detector failures (exceptions), by detector.", ["detector"],
+            registry=registry,
+        )
+        self.failures = Counter(
+            "tfshield_detector_failures",
+            "Requests the failure mode decided (reason: queue_full or detector_error; mode: open or closed).",
+            ["reason", "mode"],
+            registry=registry,
+        )
+        self.batch_size = Histogram(
+            "tfshield_batch_size", "Samples per scored micro-batch.", buckets=BATCH_SIZE_BUCKETS, registry=registry
+        )
+        self.queue_wait = Histogram(
+            "tfshield_queue_wait_seconds", "Time a request's samples waited for their micro-batch.",
+            buckets=QUEUE_WAIT_BUCKETS, registry=registry,
+        )
+
+    def observe_batch(self, size: int, waits: list[float]) -> None:
+        self.batch_size.observe(size)
+        for wait in waits:
+            self.queue_wait.observe(wait)
+
+
+BatchScores = dict[str, "np.ndarray | Exception"]
+
+
+@dataclass
+class ProtectedModel:
+    """Everything the stage needs for one model, built once at start."""
+
+    manifest: Manifest
+    actions: dict[str, str]
+    validator: InputValidator | None
+    batched: list[Detector]
+    squeezer: FeatureSqueezing | None
+    autoencoder: AutoencoderDetector | None
+    batcher: MicroBatcher[BatchScores] | None = None
+
+    def blocks(self, detector: str) -> bool:
+        return self.actions.get(detector, "record") == "block"
+
+
+@dataclass(slots=True)
+class _CallState:
+    model: ProtectedModel
+    rows: int
+    x: np.ndarray
+    drop_output: bool = False
+    autoencoder: asyncio.Task[np.ndarray] | None = None
+    detections: list[Detection] = field(default_factory=list)
+
+
+def _retrieve_exception(task: asyncio.Future[np.ndarray]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+def _split_scores(result: BatchScores, start: int, stop: int) -> BatchScores:
+    return {name: s if isinstance(s, Exception) else s[start:stop] for name, s in result.items()}
+
+
+class DetectStage(Stage):
+    name = "detect"
+
+    def __init__(
+        self,
+        config: DetectionConfig,
+        registry: CollectorRegistry,
+        upstream: Callable[[], UpstreamPool | None],
+        in_flight: Callable[[], int],
+    ) -> None:
+        self.config = config
+        self.metrics = DetectMetrics(registry)
+        self._upstream = upstream
+        self._closed = config.failure_mode == "closed"
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tfshield-detect")
+        self.models: dict[str, ProtectedModel] = {}
+        for model_config in config.models:
+            protected = self._load(model_config)
+            if protected.batched:
+                protected.batcher = MicroBatcher(
+                    self._batch_scorer(protected),
+                    _split_scores,
+                    max_batch_size=config.max_batch_size,
+                    max_batch_delay_s=config.max_batch_delay_s,
+                    max_queue_samples=config.max_queue_samples,
+                    others_pending=in_flight,
+                    executor=self._executor,
+                    on_batch=self.metrics.observe_batch,
+                )
+            self.models[model_config.model] = protected
+
+    @staticmethod
+    def _load(model_config: ProtectedModelConfig) -> ProtectedModel:
+        manifest, detectors = load_artefacts(model_config.artefacts)
+        if manifest.model != model_config.model:
+            log.warning(
+                "artefacts in %s were calibrated for model '%s', configured for '%s'",
+                model_config.artefacts, manifest.model, model_config.model,
+            )
+        validator = squeezer = autoencoder = None
+        batched: list[Detector] = []
+        for detector in detectors.values():
+            if isinstance(detector, InputValidator):
+                validator = detector
+            elif isinstance(detector, FeatureSqueezing):
+                squeezer = detector
+            elif isinstance(detector, AutoencoderDetector):
+                autoencoder = detector
+            elif not detector.needs_predictor:
+                batched.append(detector)
+            else:
+                raise ConfigError(
+                    f"{model_config.artefacts}: detector '{detector.name}' calls a model the gateway cannot feed"
+                )
+        return ProtectedModel(manifest, dict(model_config.actions), validator, batched, squeezer, autoencoder)
+
+    def _batch_scorer(self, protected: ProtectedModel) -> Callable[[np.ndarray], BatchScores]:
+        model = protected.manifest.model
+        metrics = self.metrics
+
+        def score(batch: np.ndarray) -> BatchScores:
+            # Runs in the worker thread: observing scores here keeps it off the event loop.
+            result: BatchScores = {}
+            for detector in protected.batched:
+                try:
+                    scores = detector.score(batch)
+                except Exception as exc:  # one detector's failure must not hide the others'
+                    result[detector.name] = exc
+                    continue
+                result[detector.name] = scores
+                self._observe(detector, model, scores)
+            return result
+
+        return score
+
+    def _observe(self, detector: Detector, model: str, scores: np.ndarray) -> np.ndarray:
+        flagged = scores > detector.threshold_
+        # Thresholds can be 0 (a validator fitted on clean data): avoid dividing by it.
+        scale = detector.threshold_ if detector.threshold_ > 0 else 1.0
+        histogram = self.metrics.score.labels(detector.name, model)
+        for ratio in (scores / scale).tolist():
+            histogram.observe(ratio)
+        count = int(flagged.sum())
+        if count:
+            self.metrics.flags.labels(detector.name, model).inc(count)
+        return flagged
+
+    # -- failure policy ----------------------------------------------------------
+
+    def _fail(self, reason: str, detector: str, exc: BaseException | None) -> None:
+        """Apply the failure mode; returns only when the request may go on unscored."""
+        if exc is not None:
+            self.metrics.errors.labels(detector).inc()
+            log.warning("detector %s failed: %s", detector, exc)
+        if self._closed:
+            self.metrics.failures.labels(reason, "closed").inc()
+            if reason == "queue_full":
+                raise Refusal(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    "the gateway's scoring queue is full; retry with backoff",
+                    rule="queue_full",
+                )
+            raise Refusal(
+                grpc.StatusCode.UNAVAILABLE,
+                f"detector '{detector}' could not score this request; it was not forwarded",
+                rule="detector_error",
+            )
+        self.metrics.failures.labels(reason, "open").inc()
+
+    def _verdict(self, state: _CallState, detector: Detector, scores: np.ndarray) -> None:
+        flagged = self._observe(detector, state.model.manifest.model, scores)
+        state.detections.append(Detection(detector.name, scores, flagged, detector.threshold_))
+        if flagged.any() and state.model.blocks(detector.name):
+            raise Refusal(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"request refused by rule 'detector:{detector.name}'",
+                rule=f"detector:{detector.name}",
+            )
+
+    # -- the request path ----------------------------------------------------------
+
+    async def on_request(self, call: Call) -> None:
+        if call.method != "Predict" or call.request is None:
+            return
+        protected = self.models.get(call.model)
+        if protected is None:
+            return
+        manifest = protected.manifest
+        x = call.inputs.get(manifest.input)
+        if x is None:
+            raise InvalidInput(manifest.input, "is missing; this model's detectors read it", reason="missing")
+        if protected.validator is not None:
+            protected.validator.check(manifest.input, x)
+        state = _CallState(protected, len(x), x)
+        call.detect_state = state
+
+        if protected.autoencoder is not None:
+            state.autoencoder = asyncio.ensure_future(self._reconstruct(protected, x, call))
+            # If the call is refused or the forward fails, nobody awaits the task: retrieve its error here.
+            state.autoencoder.add_done_callback(_retrieve_exception)
+        if protected.squeezer is not None:
+            self._add_variants(call, state, protected.squeezer)
+        if protected.batcher is not None:
+            try:
+                scores = await protected.batcher.submit(x)
+            except QueueFull:
+                self._fail("queue_full", "_queue", None)
+                return
+            for detector in protected.batched:
+                result = scores[detector.name]
+                if isinstance(result, Exception):
+                    self._fail("detector_error", detector.name, result)
+                else:
+                    self._verdict(state, detector, result)
+
+    def _add_variants(self, call: Call, state: _CallState, squeezer: FeatureSqueezing) -> None:
+        """Replace the forwarded request by one holding ``[x, *variants(x)]``."""
+        assert call.request is not None
+        name = state.model.manifest.input
+        if len(call.request.inputs) != 1:
+            self._fail("detector_error", squeezer.name, ValueError("feature squeezing needs a single-input model"))
+            return
+        original = call.request.inputs[name]
+        batch = np.concatenate([state.x, *squeezer.variants(state.x)])
+        request = predict_pb2.PredictRequest()
+        request.CopyFrom(call.request)
+        request.inputs[name].CopyFrom(
+            numpy_to_tensor(batch, as_tensor_content=True, dtype=original.dtype)
+        )
+        output = state.model.manifest.output
+        if request.output_filter and output not in request.output_filter:
+            request.output_filter.append(output)
+            state.drop_output = True
+        call.forward_raw = request.SerializeToString()
+
+    async def _reconstruct(self, protected: ProtectedModel, x: np.ndarray, call: Call) -> np.ndarray:
+        assert protected.autoencoder is not None
+        pool = self._upstream()
+        assert pool is not None
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name = protected.autoencoder.model_name
+        request.inputs[protected.manifest.input].CopyFrom(numpy_to_tensor(x, as_tensor_content=True))
+        raw = await pool.callable_for(PREDICT_PATH)(request.SerializeToString(), timeout=call.timeout_s)
+        response = predict_pb2.PredictResponse.FromString(raw)
+        tensor = response.outputs[protected.autoencoder.output]
+        return tensor_to_numpy(tensor, protected.autoencoder.output, RESPONSE_MAX_ELEMENTS)
+
+    async def on_response(self, call: Call, response: bytes) -> bytes:
+        state = call.detect_state
+        if not isinstance(state, _CallState):
+            return response
+        protected = state.model
+        if call.forward_raw is not None and protected.squeezer is not None:
+            response = self._score_squeezed(state, protected.squeezer, response)
+        if state.autoencoder is not None:
+            detector = protected.autoencoder
+            assert detector is not None
+            try:
+                reconstruction = await state.autoencoder
+                scores = detector.score(state.x, lambda _model, _batch: reconstruction)
+            except (grpc.aio.AioRpcError, Exception) as exc:  # noqa: B014 (name the gRPC case)
+                self._fail("detector_error", detector.name, exc)
+            else:
+                self._verdict(state, detector, scores)
+        return response
+
+    def _score_squeezed(self, state: _CallState, squeezer: FeatureSqueezing, raw: bytes) -> bytes:
+        """Score from the combined response; return the client's rows only."""
+        response = predict_pb2.PredictResponse.FromString(raw)
+        n, parts = state.rows, 1 + len(squeezer.squeezers)
+        output = state.model.manifest.output
+        try:
+            probabilities = tensor_to_numpy(response.outputs[output], output, RESPONSE_MAX_ELEMENTS)
+            original, *variants = np.split(probabilities, parts)
+            scores = squeezer.score_outputs(original, variants)
+        except Exception as exc:  # a malformed or unexpected response must not escape unscored silently
+            self._fail("detector_error", squeezer.name, exc)
+            scores = None
+        for key, tensor in response.outputs.items():
+            values = tensor_to_numpy(tensor, key, RESPONSE_MAX_ELEMENTS)
+            if values.ndim and len(values) == n * parts:
+                mine = numpy_to_tensor(values[:n], as_tensor_content=tensor_uses_content(tensor), dtype=tensor.dtype)
+                tensor.CopyFrom(mine)
+        if state.drop_output:
+            del response.outputs[output]
+        if scores is not None:
+            self._verdict(state, squeezer, scores)
+        return response.SerializeToString()
+
+    async def close(self) -> None:
+        for protected in self.models.values():
+            if protected.batcher is not None:
+                await protected.batcher.close()
+        self._executor.shutdown(wait=False)
+
