@@ -37,6 +37,7 @@ The cache directory is ``--cache-dir``, else ``$TFSHIELD_CACHE``, else
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -46,7 +47,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,32 @@ DEFAULT_REQUESTS = 300
 METRIC_LINES_SHOWN = 12
 
 Log = Callable[[str], None]
+
+
+@contextlib.contextmanager
+def quiet_native_stderr() -> Iterator[None]:
+    """Silence file descriptor 2 for a moment: TensorFlow's C++ start-up lines ("oneDNN custom
+    operations are on", "Could not find cuda drivers") are written before its logging is
+    configured, so ``TF_CPP_MIN_LOG_LEVEL`` cannot hide them. Python exceptions still surface."""
+    sys.stderr.flush()
+    saved_fd = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved_fd, 2)
+        os.close(saved_fd)
+
+
+def import_tensorflow_quietly() -> Any:
+    """``import tensorflow`` without its native start-up noise on the demo's terminal."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    with quiet_native_stderr():
+        import tensorflow as tf
+
+        tf.constant(0)  # the first op initializes devices, which logs too
+    return tf
 
 
 def default_cache_dir() -> Path:
@@ -149,9 +176,8 @@ def train_demo_model(cache_dir: str | os.PathLike[str] | None = None, log: Log =
 
 
 def _train_and_export(artifacts: DemoArtifacts, log: Log) -> None:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    tf = import_tensorflow_quietly()
     import keras
-    import tensorflow as tf
 
     from gateway.model.data import split_mnist
 
@@ -293,7 +319,8 @@ def send_benign_traffic(
 ) -> TrafficSummary:
     """One digit per Predict call through ``address`` with the stock stub; counts right answers."""
     import grpc
-    import tensorflow as tf
+
+    tf = import_tensorflow_quietly()
     from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
     latencies_ms: list[float] = []
