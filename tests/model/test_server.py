@@ -429,7 +429,10 @@ def test_sigterm_lets_an_in_flight_call_finish(model_dir, tmp_path) -> None:
     try:
         worker = threading.Thread(target=slow_call)
         worker.start()
-        time.sleep(0.4)  # the call is in flight, sleeping in the server
+        with grpc.insecure_channel(proc.address()) as channel:
+            deadline = time.monotonic() + 10
+            while testhooks.read_counts(channel)["Predict"] == 0 and time.monotonic() < deadline:
+                time.sleep(0.02)  # wait until the call is in flight, sleeping in the server
         proc.signal(signal.SIGTERM)
         worker.join(20)
         assert "response" in outcome, outcome
