@@ -14,6 +14,7 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
+from gateway.detect import DetectMetrics
 from gateway.metrics import GatewayMetrics
 from tests.deploy.conftest import DEPLOY, KUBERNETES, Obj, find, tool_missing
 from tests.deploy.test_observability_live import PENDING_METRICS, dashboard_targets, family, series_names
@@ -85,6 +86,7 @@ def test_rules_and_dashboard_read_only_metrics_that_exist_or_are_pending() -> No
     """Catches a misspelt metric name long before a panel stays empty in production."""
     registry = CollectorRegistry()
     GatewayMetrics(registry)
+    DetectMetrics(registry)
     suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"], "gauge": [""]}
     exported = {m.name + suffix for m in registry.collect() for suffix in suffixes[m.type]}
     assert "tfshield_request_duration_seconds_bucket" in exported and "tfshield_upstream_up" in exported
