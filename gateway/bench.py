@@ -27,12 +27,14 @@ Fairness and drift
     process per slice, from ``/proc`` via psutil) and reported next to each row
     along with the proxy's CPU microseconds per request. The machine may be
     shared with other work: the CPU of every process this run did not start
-    ("other CPU", % of one core: the machine's busy time minus ours) is
-    measured per row, and a note is printed when it exceeds 10 %. To reduce drift
-    (thermal, page cache, background work), each cell's duration is split into
-    ``--rounds`` slices and the targets alternate: round r runs the targets in
-    an order rotated by r (direct, gateway, nginx / gateway, nginx, direct / ...),
-    after one unrecorded warm-up slice per target. A row pools its rounds'
+    ("other CPU", % of one core: the machine's busy time from /proc/stat minus
+    our processes' CPU time; approximate, since the two are accounted
+    differently, and clamped at 0) is measured per row, and a note is printed
+    when it exceeds 10 %. To reduce drift (thermal, page cache, background
+    work), each cell's duration is split into ``--rounds`` slices and the
+    targets alternate: round r runs the targets in an order rotated by r
+    (direct, gateway, nginx / gateway, nginx, direct / ...), after one
+    unrecorded warm-up slice per target. A row pools its rounds'
     latencies for p50/p99 and sums their calls and wall time for requests/s;
     the JSON keeps each round's requests/s so drift is visible. "Added p50" and
     "throughput ratio" compare with the direct row of the same cell, measured
@@ -165,7 +167,12 @@ def _child_env() -> dict[str, str]:
 
 
 def start_with_ready_file(
-    name: str, argv: list[str], workdir: Path, timeout_s: float, stack: contextlib.ExitStack
+    name: str,
+    argv: list[str],
+    workdir: Path,
+    timeout_s: float,
+    stack: contextlib.ExitStack,
+    env: dict[str, str] | None = None,
 ) -> Started:
     """Spawn ``argv --ready-file F`` and wait for F; the process is stopped when ``stack`` closes."""
     ready = workdir / f"{name}.ready.json"
@@ -175,7 +182,8 @@ def start_with_ready_file(
         spawned = time.perf_counter()
         popen = subprocess.Popen(
             [*argv, "--ready-file", str(ready)],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=_child_env(), cwd=REPO,
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO,
+            env={**_child_env(), **(env or {})},
         )
     stack.callback(stop_process, popen)
     proc = Started(name, popen, log_path)
@@ -604,6 +612,7 @@ class Settings:
     out: Path
     cache_dir: Path
     quick: bool
+    gateway_env: dict[str, str] = field(default_factory=dict)
     batches: tuple[int, ...] = BATCHES
     concurrencies: tuple[int, ...] = CONCURRENCIES
 
@@ -810,7 +819,7 @@ def run(settings: Settings) -> dict[str, Any]:
             "models": settings.models, "duration_s": settings.duration_s, "requests": settings.requests,
             "rounds": settings.rounds, "warmup_s": settings.warmup_s, "startup_runs": settings.startup_runs,
             "batches": list(settings.batches), "concurrencies": list(settings.concurrencies),
-            "quick": settings.quick,
+            "quick": settings.quick, "gateway_env": settings.gateway_env,
         },
         "notes": notes,
     }
@@ -843,7 +852,9 @@ def run(settings: Settings) -> dict[str, Any]:
             for run_index in range(settings.startup_runs):
                 with contextlib.ExitStack() as one:
                     spawned = time.perf_counter()
-                    gateway = start_with_ready_file(f"gateway-{run_index}", gateway_argv, workdir, 30.0, one)
+                    gateway = start_with_ready_file(
+                        f"gateway-{run_index}", gateway_argv, workdir, 30.0, one, settings.gateway_env
+                    )
                     to_first.append(first_success_s(gateway.address(), requests[first_key], spawned))
                     to_ready.append(gateway.spawn_to_ready_s)
                     if run_index == settings.startup_runs - 1:
@@ -957,6 +968,11 @@ def parse_args(argv: list[str] | None) -> Settings:
     parser.add_argument("--no-nginx", action="store_true", help="skip the nginx row")
     parser.add_argument("--out", default="bench-results/bench.json", help="JSON results file")
     parser.add_argument(
+        "--gateway-env", action="append", default=[], metavar="NAME=VALUE",
+        help="extra environment for the gateway process, to compare settings (repeatable), "
+        "e.g. GRPC_EXPERIMENTS=-event_engine_client,-event_engine_listener",
+    )
+    parser.add_argument(
         "--cache-dir",
         default=os.environ.get("TFSHIELD_CACHE") or str(Path.home() / ".cache" / "tfshield"),
         help="where the demo and test models are built once and cached, as for `tfshield demo` "
@@ -968,6 +984,12 @@ def parse_args(argv: list[str] | None) -> Settings:
     if unknown or not models:
         parser.error(f"--models: unknown {', '.join(unknown) or '(none)'}; known: {', '.join(MODEL_INPUTS)}")
     quick = args.quick
+    gateway_env = {}
+    for item in args.gateway_env:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            parser.error(f"--gateway-env: expected NAME=VALUE, got {item!r}")
+        gateway_env[name] = value
     settings = Settings(
         models=models,
         duration_s=args.duration_s if args.duration_s is not None else (0.4 if quick else 3.0),
@@ -979,6 +1001,7 @@ def parse_args(argv: list[str] | None) -> Settings:
         out=Path(args.out),
         cache_dir=Path(args.cache_dir),
         quick=quick,
+        gateway_env=gateway_env,
     )
     if settings.duration_s <= 0 or settings.rounds < 1 or settings.warmup_s < 0 or settings.startup_runs < 1:
         parser.error("--duration-s must be > 0, --rounds and --startup-runs >= 1, --warmup-s >= 0")
