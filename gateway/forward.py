@@ -45,6 +45,11 @@ def channel_options(config: GatewayConfig, index: int) -> list[tuple[str, int | 
         # Never retry on the gateway's behalf: an UNAVAILABLE from a full batch
         # queue upstream must reach the client, not be amplified.
         ("grpc.enable_retries", 0),
+        # The upstream is a sidecar on loopback: when it (re)starts, reconnect
+        # within a second rather than after gRPC's default backoff of up to 2 minutes.
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 1000),
     ]
     if config.keepalive.time_s > 0:
         options += [
@@ -87,8 +92,17 @@ class UpstreamPool:
         self._callables: dict[tuple[int, str], grpc.aio.UnaryUnaryMultiCallable] = {}
 
     def callable_for(self, path: str) -> grpc.aio.UnaryUnaryMultiCallable:
-        """A bytes-in, bytes-out callable for ``path`` on the next channel."""
-        index = next(self._next)
+        """A bytes-in, bytes-out callable for ``path`` on the next ready channel.
+
+        Channels that are not READY (still backing off after the upstream
+        restarted) are skipped while another one is READY, so a request never
+        fails on one connection while the upstream is reachable on another.
+        """
+        ready = grpc.ChannelConnectivity.READY
+        for _ in range(len(self.channels)):
+            index = next(self._next)
+            if self.channels[index].get_state() == ready:
+                break
         key = (index, path)
         stub = self._callables.get(key)
         if stub is None:

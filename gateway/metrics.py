@@ -11,6 +11,7 @@ tfshield_upstream_duration_seconds     histogram  method (the forwarded call alo
 tfshield_in_flight_requests            gauge      -
 tfshield_upstream_up                   gauge      - (1 while the upstream is reachable)
 tfshield_invalid_requests_total        counter    method, reason
+tfshield_upstream_errors_total         counter    method, code (errors the upstream returned)
 =====================================  =========  =====================================
 
 There is no per-client label: clients are unbounded, series must not be.
@@ -78,6 +79,12 @@ class GatewayMetrics:
         )
         self.upstream_up = Gauge(
             "tfshield_upstream_up", "1 while the upstream model server is reachable, else 0.", registry=registry
+        )
+        self.upstream_errors = Counter(
+            "tfshield_upstream_errors",
+            "Calls the upstream answered with an error (not the gateway's own refusals), by method and code.",
+            ["method", "code"],
+            registry=registry,
         )
         self.invalid_requests = Counter(
             "tfshield_invalid_requests",

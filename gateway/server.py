@@ -213,6 +213,7 @@ class Gateway:
                         response = await upstream_call
                     except grpc.aio.AioRpcError as exc:
                         code = exc.code()
+                        metrics.upstream_errors.labels(method, code.name).inc()
                         trailing = exc.trailing_metadata()
                         if trailing:
                             context.set_trailing_metadata(tuple(trailing))

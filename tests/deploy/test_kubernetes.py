@@ -500,11 +500,6 @@ def test_gateway_with_the_pod_config_reaches_tf_serving_over_the_unix_socket(tmp
         upstream.stop()
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="gateway: health turns SERVING when one upstream channel is READY while others are still in "
-    "reconnect backoff; calls round-robined onto those fail UNAVAILABLE (reported; see deploy/README.md)",
-)
 def test_gateway_started_before_tf_serving_serves_every_call_once_ready(tmp_path: Path) -> None:
     """The pod's start order: the sidecar first, TF Serving's socket seconds later."""
     upstream = FakeUpstream(f"unix:{tmp_path / 'grpc.sock'}")
