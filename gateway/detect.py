@@ -255,8 +255,14 @@ class DetectStage(Stage):
             )
         self.metrics.failures.labels(reason, "open").inc()
 
-    def _verdict(self, state: _CallState, detector: Detector, scores: np.ndarray) -> None:
-        flagged = self._observe(detector, state.model.manifest.model, scores)
+    def _verdict(
+        self, state: _CallState, detector: Detector, scores: np.ndarray, observed: bool = False
+    ) -> None:
+        # Micro-batched scores were observed (histogram, flags) by the worker thread already.
+        if observed:
+            flagged = scores > detector.threshold_
+        else:
+            flagged = self._observe(detector, state.model.manifest.model, scores)
         state.detections.append(Detection(detector.name, scores, flagged, detector.threshold_))
         if flagged.any() and state.model.blocks(detector.name):
             raise Refusal(
@@ -299,7 +305,7 @@ class DetectStage(Stage):
                 if isinstance(result, Exception):
                     self._fail("detector_error", detector.name, result)
                 else:
-                    self._verdict(state, detector, result)
+                    self._verdict(state, detector, result, observed=True)
 
     def _add_variants(self, call: Call, state: _CallState, squeezer: FeatureSqueezing) -> None:
         """Replace the forwarded request by one holding ``[x, *variants(x)]``."""
