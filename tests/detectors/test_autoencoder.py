@@ -78,7 +78,8 @@ def test_the_trained_autoencoder_exports_for_tf_serving_and_flags_noise(mnist, t
     assert export_dir == tmp_path / "mnist_autoencoder" / "1"
     assert (export_dir / "saved_model.pb").is_file()
 
-    serve = tf.saved_model.load(str(export_dir)).signatures["serving_default"]
+    loaded = tf.saved_model.load(str(export_dir))  # keep it alive: the signature uses its variables
+    serve = loaded.signatures["serving_default"]
     (spec,) = serve.structured_input_signature[1].values()
     assert (spec.name, spec.dtype, spec.shape.as_list()) == ("images", tf.float32, [None, 28, 28, 1])
     assert list(serve.structured_outputs) == ["reconstruction"]
