@@ -44,7 +44,6 @@ import shutil
 import signal
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -415,9 +414,11 @@ def main(argv: list[str]) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="tfshield-demo-"))
     started: list[ServerProcess] = []
     exit_code = 1
-    stop_requested = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop_requested.set())
+    # Ctrl-C, SIGTERM and SIGHUP (terminal closed) all end the demo through the clean-up
+    # below, so the servers it started are always stopped. SIGINT is set explicitly because
+    # a process started in the background by a non-interactive shell inherits it ignored.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _raise_keyboard_interrupt)
     try:
         log("[2/4] starting the reference model server")
         model_server = start_server(
@@ -448,30 +449,42 @@ def main(argv: list[str]) -> int:
         x_test, y_test = artifacts.load_test_split()
         summary = send_benign_traffic(gateway.address(), x_test, y_test, args.requests, log)
         _print_summary(summary, gateway.port("metrics"), log)
+        exit_code = 0 if summary.answered == summary.requests else 1
 
         if args.keep_running:
             log(
                 f"serving until Ctrl-C: gateway {gateway.address()}, model server {model_server.address()}, "
                 f"metrics http://127.0.0.1:{gateway.port('metrics')}/metrics"
             )
-            while not stop_requested.wait(0.5):
-                if any(proc.popen.poll() is not None for proc in started):
-                    log("a server exited on its own; stopping")
-                    break
-        exit_code = 0 if summary.answered == summary.requests else 1
+            try:
+                while all(proc.popen.poll() is None for proc in started):
+                    time.sleep(0.5)
+                log("a server exited on its own; stopping")
+                exit_code = 1
+            except KeyboardInterrupt:
+                log("stopping")
+    except KeyboardInterrupt:
+        log("interrupted")
+        exit_code = 130
     except TfshieldError as exc:
         log(f"demo failed: {exc}")
     finally:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
         for proc in reversed(started):  # the gateway first, then the model server behind it
             code = proc.stop()
             log(f"stopped {proc.name} (pid {proc.pid}, exit code {code})")
-            if code != 0:
+            if code != 0 and exit_code == 0:
                 exit_code = 1
         if exit_code == 0:
             shutil.rmtree(workdir, ignore_errors=True)
         else:
             log(f"server logs kept in {workdir}")
     return exit_code
+
+
+def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def _print_summary(summary: TrafficSummary, metrics_port: int, log: Log) -> None:
@@ -493,7 +506,11 @@ def _print_summary(summary: TrafficSummary, metrics_port: int, log: Log) -> None
 
 
 def _flushing_print(line: str) -> None:
-    print(line, flush=True)
+    """Print now; if stdout is gone (a closed pipe), carry on so the clean-up still runs."""
+    try:
+        print(line, flush=True)
+    except (BrokenPipeError, ValueError):
+        pass
 
 
 if __name__ == "__main__":

@@ -102,19 +102,22 @@ def start_server(
             start_new_session=True,
         )
     server = ServerProcess(name, popen, log_path)
-    deadline = time.monotonic() + timeout_s
-    while not ready_path.exists():
-        if popen.poll() is not None:
-            raise TfshieldError(
-                f"{name} exited with code {popen.returncode} before it was ready; "
-                f"its log ({log_path}) ends with:\n{server.log_tail()}"
-            )
-        if time.monotonic() > deadline:
-            server.stop()
-            raise TfshieldError(
-                f"{name} was not ready after {timeout_s:.0f} s; "
-                f"its log ({log_path}) ends with:\n{server.log_tail()}"
-            )
-        time.sleep(0.05)
-    server.info = json.loads(ready_path.read_text())
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not ready_path.exists():
+            if popen.poll() is not None:
+                raise TfshieldError(
+                    f"{name} exited with code {popen.returncode} before it was ready; "
+                    f"its log ({log_path}) ends with:\n{server.log_tail()}"
+                )
+            if time.monotonic() > deadline:
+                raise TfshieldError(
+                    f"{name} was not ready after {timeout_s:.0f} s; "
+                    f"its log ({log_path}) ends with:\n{server.log_tail()}"
+                )
+            time.sleep(0.05)
+        server.info = json.loads(ready_path.read_text())
+    except BaseException:  # not ready, or interrupted while waiting: never leave it running
+        server.stop()
+        raise
     return server
