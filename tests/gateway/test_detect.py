@@ -1,0 +1,238 @@
+"""End to end: the detect stage with real calibrated artefacts, a real gateway and the real
+reference model server serving the demo model and the trained autoencoder.
+
+Clients use the stock TF Serving stub. What the upstream received is counted at the
+model server (``gateway.model.testhooks.read_counts``); what the gateway decided is read
+from its status codes and its Prometheus metrics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from detectors.manifest import load_artefacts
+from gateway.model.testhooks import read_counts
+from tests.gateway.conftest import start_gateway
+from tests.gateway.detect_fixtures import *  # noqa: F403  (the session fixtures)
+from tests.gateway.detect_fixtures import (
+    MODEL,
+    artefacts_with,
+    detection_config,
+    flags_total,
+    metrics_samples,
+    predict,
+)
+from tests.procs import Proc
+
+DETECTORS_WITH_SCORES = ("mahalanobis", "feature_squeezing", "autoencoder")
+
+
+def upstream_predicts(model_server: Proc) -> int:
+    with grpc.insecure_channel(model_server.address()) as channel:
+        return read_counts(channel)["Predict"]
+
+
+def noise(n: int, seed: int = 0) -> np.ndarray:
+    """Uniform noise in [0, 1]: inside the valid range, far from any digit."""
+    return np.random.default_rng(seed).random((n, 28, 28, 1), dtype=np.float32)
+
+
+def score_count(samples: dict, detector: str) -> float:
+    return samples.get(("tfshield_detector_score_count", (("detector", detector), ("model", MODEL))), 0.0)
+
+
+@pytest.fixture(scope="module")
+def squeeze_gateway(calibration, detect_model_server, tmp_path_factory) -> Iterator[Proc]:
+    """A gateway whose only detector is feature squeezing (so the upstream sees only its call)."""
+    workdir = tmp_path_factory.mktemp("squeeze-gateway")
+    artefacts = artefacts_with(workdir / "artefacts", calibration, ("feature_squeezing",))
+    proc = start_gateway(workdir, detect_model_server.address(), config=detection_config(artefacts))
+    yield proc
+    proc.stop()
+
+
+# -- input validation -----------------------------------------------------------------
+
+
+def test_nan_input_is_refused_invalid_argument_naming_the_input(
+    detect_gateway, detect_model_server, reference
+):
+    x = reference.heldout[:3].copy()
+    x[1, 5, 5, 0] = np.nan
+    before = upstream_predicts(detect_model_server)
+    with pytest.raises(grpc.RpcError) as raised:
+        predict(detect_gateway.address(), x)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert raised.value.details() == "input 'images': sample 1 holds NaN or Inf; send finite values"
+    assert upstream_predicts(detect_model_server) == before
+
+
+def test_values_outside_the_calibrated_range_are_refused_naming_the_input(detect_gateway, reference):
+    x = reference.heldout[:2].copy()
+    x[0, 0, 0, 0] = 2.0
+    with pytest.raises(grpc.RpcError) as raised:
+        predict(detect_gateway.address(), x)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert raised.value.details() == "input 'images': sample 0 has values outside the accepted range [0, 1]"
+
+
+# -- feature squeezing in the client's own call ------------------------------------------------
+
+
+def test_feature_squeezing_makes_one_upstream_call_and_returns_only_the_clients_rows(
+    squeeze_gateway, detect_model_server, reference
+):
+    x = reference.heldout[:5]
+    before = upstream_predicts(detect_model_server)
+    through = predict(squeeze_gateway.address(), x)
+    assert upstream_predicts(detect_model_server) == before + 1
+    direct = predict(detect_model_server.address(), x)
+    assert sorted(through.outputs) == sorted(direct.outputs) == ["logits", "probabilities"]
+    for key in direct.outputs:
+        mine, theirs = tf.make_ndarray(through.outputs[key]), tf.make_ndarray(direct.outputs[key])
+        assert mine.shape == theirs.shape == (5, 10)
+        assert through.outputs[key].dtype == direct.outputs[key].dtype
+        assert np.array_equal(mine.argmax(axis=1), theirs.argmax(axis=1))
+        np.testing.assert_allclose(mine, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_an_output_filter_gets_only_the_outputs_the_client_asked_for(squeeze_gateway, reference):
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = MODEL
+    request.inputs["images"].CopyFrom(tf.make_tensor_proto(reference.heldout[:2]))
+    request.output_filter.append("logits")
+    with grpc.insecure_channel(squeeze_gateway.address()) as channel:
+        response = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(request, timeout=30)
+    assert list(response.outputs) == ["logits"]
+    assert tf.make_ndarray(response.outputs["logits"]).shape == (2, 10)
+
+
+def test_every_detector_costs_one_model_call_and_one_autoencoder_call(
+    detect_gateway, detect_model_server, reference
+):
+    before = upstream_predicts(detect_model_server)
+    response = predict(detect_gateway.address(), reference.heldout[:4])
+    assert upstream_predicts(detect_model_server) == before + 2
+    assert tf.make_ndarray(response.outputs["probabilities"]).shape == (4, 10)
+
+
+# -- verdicts and metrics ------------------------------------------------------------------------
+
+
+def test_gateway_flags_each_digit_as_the_offline_detectors_do(
+    detect_gateway, calibration, reference, upstream_predictor
+):
+    """One digit per call: the increase of each detector's flag counter is that digit's verdict."""
+    _, detectors = load_artefacts(calibration.out)
+    x = np.concatenate([reference.heldout[200:215], noise(5, seed=1)])
+    before = metrics_samples(detect_gateway)
+    for i in range(len(x)):
+        predict(detect_gateway.address(), x[i : i + 1])
+        after = metrics_samples(detect_gateway)
+        for name in DETECTORS_WITH_SCORES:
+            offline = bool(detectors[name].detect(x[i : i + 1], upstream_predictor).flagged[0])
+            assert flags_total(after, name) - flags_total(before, name) == int(offline), (name, i)
+        before = after
+
+
+def test_detector_metrics_count_each_scored_sample_once(detect_gateway, calibration, reference):
+    benign, odd = reference.heldout[100:104], noise(3, seed=2)
+    before = metrics_samples(detect_gateway)
+    predict(detect_gateway.address(), benign)
+    predict(detect_gateway.address(), odd)
+    after = metrics_samples(detect_gateway)
+    for name in DETECTORS_WITH_SCORES:
+        assert score_count(after, name) - score_count(before, name) == 7, name
+    mahalanobis = calibration.detectors["mahalanobis"]
+    expected_flags = int(mahalanobis.detect(np.concatenate([benign, odd])).flagged.sum())
+    assert expected_flags >= 3  # the noise, at least
+    assert flags_total(after, "mahalanobis") - flags_total(before, "mahalanobis") == expected_flags
+
+    def delta(name: str) -> float:
+        return after.get((name, ()), 0.0) - before.get((name, ()), 0.0)
+
+    # Mahalanobis is micro-batched: two sequential requests, two batches, 7 samples.
+    assert delta("tfshield_batch_size_count") == 2
+    assert delta("tfshield_batch_size_sum") == 7
+    assert delta("tfshield_queue_wait_seconds_count") == 2
+
+
+def test_block_action_refuses_uniform_noise_naming_the_rule(
+    calibration, detect_model_server, reference, tmp_path
+):
+    artefacts = artefacts_with(tmp_path / "artefacts", calibration, ("validation", "mahalanobis"))
+    config = detection_config(artefacts, mahalanobis="block")
+    proc = start_gateway(tmp_path, detect_model_server.address(), config=config)
+    try:
+        before = upstream_predicts(detect_model_server)
+        with pytest.raises(grpc.RpcError) as raised:
+            predict(proc.address(), noise(1))
+        assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert raised.value.details() == "request refused by rule 'detector:mahalanobis'"
+        assert upstream_predicts(detect_model_server) == before  # refused before forwarding
+
+        scores = calibration.detectors["mahalanobis"].score(reference.heldout[:50])
+        benign = reference.heldout[int(np.argmin(scores))][None]
+        assert tf.make_ndarray(predict(proc.address(), benign).outputs["probabilities"]).shape == (1, 10)
+    finally:
+        proc.stop()
+
+
+# -- failure policy ------------------------------------------------------------------------------------
+
+
+def unserved_autoencoder_gateway(calibration: Any, upstream: str, workdir: Path, mode: str) -> Proc:
+    """A gateway whose autoencoder detector names a model the upstream does not serve."""
+    artefacts = artefacts_with(
+        workdir / "artefacts",
+        calibration,
+        ("autoencoder",),
+        autoencoder={"model_name": "missing_autoencoder"},
+    )
+    return start_gateway(workdir, upstream, config=detection_config(artefacts, failure_mode=mode))
+
+
+def failures(proc: Proc, mode: str) -> float:
+    key = ("tfshield_detector_failures_total", (("mode", mode), ("reason", "detector_error")))
+    return metrics_samples(proc).get(key, 0.0)
+
+
+def test_a_failing_detector_with_failure_mode_closed_refuses_unavailable_naming_it(
+    calibration, detect_model_server, reference, tmp_path
+):
+    proc = unserved_autoencoder_gateway(calibration, detect_model_server.address(), tmp_path, "closed")
+    try:
+        with pytest.raises(grpc.RpcError) as raised:
+            predict(proc.address(), reference.heldout[:2])
+        assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert (
+            raised.value.details()
+            == "detector 'autoencoder' could not score this request; it was not forwarded"
+        )
+        assert failures(proc, "closed") == 1
+        assert failures(proc, "open") == 0
+        assert metrics_samples(proc)[("tfshield_detector_errors_total", (("detector", "autoencoder"),))] == 1
+    finally:
+        proc.stop()
+
+
+def test_a_failing_detector_with_failure_mode_open_forwards_and_is_counted(
+    calibration, detect_model_server, reference, tmp_path
+):
+    proc = unserved_autoencoder_gateway(calibration, detect_model_server.address(), tmp_path, "open")
+    try:
+        response = predict(proc.address(), reference.heldout[:2])
+        assert tf.make_ndarray(response.outputs["probabilities"]).shape == (2, 10)
+        assert failures(proc, "open") == 1
+        assert failures(proc, "closed") == 0
+    finally:
+        proc.stop()
