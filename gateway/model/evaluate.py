@@ -41,7 +41,8 @@ Steps (progress is printed; a full run takes several minutes on 2 CPU cores):
    rate on the clean held-out digits, ROC AUC; printed, and written to
    ``--out`` as ``detection_eval.json``, ``detection_eval.md`` and one
    ``roc_<attack>.png`` per attack (one curve per detector, the combined
-   score max(score / threshold) dashed, operating points marked).
+   score max(score / threshold) dashed, operating points marked); the
+   successful adversarial examples go to ``adversarial_examples.npz``.
 
 ``--quick`` runs everything on a handful of digits with tiny attack budgets
 (for tests); its numbers mean nothing.
@@ -272,7 +273,11 @@ def detector_counters(metrics_port: int) -> dict[tuple[str, tuple[tuple[str, str
     """The gateway's detector counters: {(name, sorted labels): value}."""
     url = f"http://127.0.0.1:{metrics_port}/metrics"
     with urllib.request.urlopen(url, timeout=10) as response:
-        text = response.read().decode("utf-8", errors="replace")
+        return parse_detector_counters(response.read().decode("utf-8", errors="replace"))
+
+
+def parse_detector_counters(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The ``tfshield_detector_*_total`` samples of a Prometheus text exposition."""
     return {
         (name, tuple(sorted(_LABEL.findall(labels)))): float(value)
         for name, labels, value in _SAMPLE.findall(text)
@@ -524,7 +529,10 @@ def evaluate(
     write_report(report, phases, runs, loaded, out)
     for line in format_table(report).splitlines():
         log(line)
-    log(f"written: {out / 'detection_eval.json'}, {out / 'detection_eval.md'}, {out}/roc_*.png")
+    log(
+        f"written: {out / 'detection_eval.json'}, {out / 'detection_eval.md'}, {out}/roc_*.png, "
+        f"{out / 'adversarial_examples.npz'}"
+    )
     shutil.rmtree(run_dir, ignore_errors=True)
     return report
 
@@ -717,6 +725,12 @@ def write_report(
 ) -> None:
     (out / "detection_eval.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "detection_eval.md").write_text(markdown(report))
+    # The successful adversarial examples, for auditing the numbers (np.load(..., allow_pickle=False)).
+    np.savez_compressed(
+        out / "adversarial_examples.npz",
+        **{f"x_{run.spec.key}": run.x_adv for run in runs},
+        **{f"y_{run.spec.key}": run.y_true for run in runs},
+    )
     for phase in phases[1:]:
         if phase.n:  # no successful adversarial example, no curve
             plot_roc(phase, phases[0], detectors, out / f"roc_{phase.key}.png")
@@ -814,7 +828,8 @@ def plot_roc(phase: Phase, clean: Phase, detectors: dict[str, Any], path: Path) 
         ax.set_ylabel("detection rate (successful adversarial examples)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-    axes[0].legend(loc="lower right")
+    if axes[0].get_legend_handles_labels()[0]:
+        axes[0].legend(loc="lower right")
     figure.suptitle(
         f"{phase.label}: {phase.n} successful adversarial vs {clean.n} clean; dots = calibrated thresholds"
     )

@@ -1,0 +1,95 @@
+"""``tfshield eval detectors``: attacks on the demo model sent through a real gateway."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gateway.model.evaluate import (
+    ATTACKS,
+    Phase,
+    _roc_scores,
+    evaluate,
+    parse_args,
+    parse_detector_counters,
+)
+
+EXPOSITION = """\
+# HELP tfshield_detector_flags_total Samples flagged, by detector and model.
+# TYPE tfshield_detector_flags_total counter
+tfshield_detector_flags_total{detector="mahalanobis",model="mnist"} 3.0
+tfshield_detector_flags_created{detector="mahalanobis",model="mnist"} 1.7e+09
+tfshield_detector_failures_total{reason="detector_error",mode="open"} 2.0
+tfshield_requests_total{code="OK",method="Predict",model="mnist"} 9.0
+"""
+
+
+def test_detector_counters_are_read_from_the_exposition_text() -> None:
+    assert parse_detector_counters(EXPOSITION) == {
+        ("tfshield_detector_flags_total", (("detector", "mahalanobis"), ("model", "mnist"))): 3.0,
+        ("tfshield_detector_failures_total", (("mode", "open"), ("reason", "detector_error"))): 2.0,
+    }
+
+
+def test_goal_covers_fgsm_and_pgd_from_eps_0_1_and_carlini_wagner() -> None:
+    assert [a.key for a in ATTACKS if a.in_goal] == [
+        "fgsm_eps0.1", "fgsm_eps0.2", "fgsm_eps0.3", "pgd_eps0.1", "pgd_eps0.2", "pgd_eps0.3", "cw_l2",
+    ]  # fmt: skip
+
+
+def test_combined_roc_score_is_the_largest_score_in_units_of_its_threshold() -> None:
+    class Threshold:
+        def __init__(self, threshold_: float) -> None:
+            self.threshold_ = threshold_
+
+    phase = Phase("p", "p", np.zeros((3, 1)))
+    phase.offline_scores = {
+        "validation": np.array([0.0, 0.0, 0.5]),
+        "a": np.array([1.0, 4.0, 0.0]),
+        "b": np.array([3.0, 1.0, 0.0]),
+    }
+    detectors = {"validation": Threshold(0.0), "a": Threshold(2.0), "b": Threshold(1.0)}
+    assert _roc_scores(phase, "combined", detectors).tolist() == [3.0, 2.0, np.inf]
+
+
+def test_the_command_takes_detectors_and_defaults_to_the_full_run() -> None:
+    args = parse_args(["detectors"])
+    assert (args.quick, args.target_fpr, args.out) == (False, 0.005, Path("eval-results/detectors"))
+    with pytest.raises(SystemExit):
+        parse_args(["models"])
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:PyTorch not found:UserWarning")  # ART, on import
+def test_quick_eval_sends_attacks_through_the_gateway_and_writes_the_report(
+    model_cache_dir, tmp_path
+) -> None:
+    out = tmp_path / "eval"
+    lines: list[str] = []
+    report = evaluate(out, cache_dir=model_cache_dir, quick=True, log=lines.append)
+
+    assert report["clean"]["n"] == 24
+    assert report["clean"]["errors"] == {} and report["clean"]["failures"] == 0
+    assert report["clean"]["accuracy_served"] == report["clean"]["accuracy_in_process"]
+    assert set(report["attacks"]) == {a.key for a in ATTACKS}
+    sent = sum(a["successful"] for a in report["attacks"].values())
+    assert sent > 0
+    assert all(a["served_not_adversarial"] == 0 and a["errors"] == {} for a in report["attacks"].values())
+    agreement = report["gateway_vs_offline"]
+    assert agreement["disagreements"] == 0
+    assert agreement["verdicts"] == (24 + sent) * 4
+    assert any("gateway vs offline verdicts" in line for line in lines)
+
+    assert json.loads((out / "detection_eval.json").read_text()) == report
+    assert "| clean (FPR) | 24 |" in (out / "detection_eval.md").read_text()
+    for key, attack in report["attacks"].items():
+        plot = out / f"roc_{key}.png"
+        assert plot.exists() == (attack["successful"] > 0), key
+        if attack["successful"]:
+            assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with np.load(out / "adversarial_examples.npz", allow_pickle=False) as examples:
+        assert sum(len(examples[f"x_{key}"]) for key in report["attacks"]) == sent
+    assert not (out / "run").exists()  # server logs are removed after a successful run
