@@ -225,7 +225,7 @@ def test_a_non_allow_decision_carries_the_scores_behind_it() -> None:
 
 
 def test_an_extraction_flagged_client_is_deceived_instead_of_perturbed_throttled_or_blocked() -> None:
-    extraction = [Verdict("extraction", 9.0, True, 0.9)]
+    extraction = [Verdict("prada", 9.0, True, 0.9)]
     default = Policy.default()
     for risk in (0.6, 0.85, 0.99):
         decision = default.decide("mnist", "", "c", [], risk, extraction)
@@ -236,14 +236,14 @@ def test_an_extraction_flagged_client_is_deceived_instead_of_perturbed_throttled
     assert default.decide("mnist", "", "c", [flagged("autoencoder")], 0.99).action == "block"
     # A monitor that did not flag this call does not deceive.
     assert (
-        default.decide("mnist", "", "c", [], 0.99, [Verdict("extraction", 0.1, False, 0.9)]).action == "block"
+        default.decide("mnist", "", "c", [], 0.99, [Verdict("prada", 0.1, False, 0.9)]).action == "block"
     )
 
 
 def test_deception_in_the_ladder_can_be_switched_off() -> None:
     no_deceive = policy("ladder: {deceive: null}")
     assert (
-        no_deceive.decide("m", "", "c", [], 0.99, [Verdict("extraction", 9.0, True, 0.9)]).action == "block"
+        no_deceive.decide("m", "", "c", [], 0.99, [Verdict("prada", 9.0, True, 0.9)]).action == "block"
     )
 
 
@@ -344,7 +344,7 @@ def test_a_star_matches_any_flagged_detector_or_monitor() -> None:
 
 
 def test_the_policy_lists_the_detector_names_it_refers_to() -> None:
-    assert policy(RULES).detector_names == {"feature_squeezing", "extraction"}
+    assert policy(RULES).detector_names == {"feature_squeezing", "prada", "class_coverage"}
 
 
 # -- shadow --------------------------------------------------------------------------------------
