@@ -169,7 +169,7 @@ class AuditLog:
         self._random = random.Random()
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=config.max_queue_lines)
         # Indirection so tests can stall or fail the disk.
-        self._write: Callable[[int, bytes], int] = os.write
+        self._write: Callable[[int, Any], int] = os.write
         self._fsync: Callable[[int], None] = os.fsync
         self._fd = -1
         self._size = 0
