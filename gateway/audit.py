@@ -67,8 +67,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
 
-from gateway.config import _require
-from gateway.errors import TfshieldError
+from gateway.errors import ConfigError, TfshieldError
 from gateway.policy import Decision
 
 log = logging.getLogger(__name__)
@@ -143,6 +142,11 @@ class _Entry:
 
 
 _STOP = object()
+
+
+def _require(ok: bool, path: str, problem: str) -> None:
+    if not ok:
+        raise ConfigError(f"{path}: {problem}")
 
 
 def _iso(unix_s: float) -> str:

@@ -42,7 +42,6 @@ from typing import Any, Protocol
 import grpc
 from prometheus_client import CollectorRegistry, Counter
 
-from gateway.config import TlsServerConfig, _require
 from gateway.errors import ConfigError
 from gateway.policy import PolicyError, PolicyHolder
 from protos import control_pb2
@@ -58,6 +57,22 @@ UNAUTHENTICATED_MESSAGE = (
 )
 
 
+def _require(ok: bool, path: str, problem: str) -> None:
+    if not ok:
+        raise ConfigError(f"{path}: {problem}")
+
+
+@dataclass(frozen=True)
+class ControlTlsConfig:
+    """TLS on the control port (its own: operators' certificates, not clients')."""
+
+    cert_file: str
+    key_file: str
+    # PEM bundle of CAs whose client certificates are accepted: mTLS.
+    client_ca_file: str | None = None
+    require_client_cert: bool = True
+
+
 @dataclass(frozen=True)
 class ControlConfig:
     """``control:`` in the gateway config."""
@@ -68,7 +83,7 @@ class ControlConfig:
     token_file: str | None = None
     token_env: str | None = None
     # TLS for the control port; with client_ca_file, clients need a certificate from that CA (mTLS).
-    tls: TlsServerConfig | None = None
+    tls: ControlTlsConfig | None = None
 
     @property
     def mtls(self) -> bool:
@@ -122,7 +137,7 @@ async def _maybe_await(value: Any) -> Any:
     return await value if inspect.isawaitable(value) else value
 
 
-def _credentials(tls: TlsServerConfig) -> grpc.ServerCredentials:
+def _credentials(tls: ControlTlsConfig) -> grpc.ServerCredentials:
     key, cert = Path(tls.key_file).read_bytes(), Path(tls.cert_file).read_bytes()
     client_ca = Path(tls.client_ca_file).read_bytes() if tls.client_ca_file else None
     return grpc.ssl_server_credentials(

@@ -97,7 +97,6 @@ from typing import Any, Literal, Protocol
 import yaml
 from prometheus_client import CollectorRegistry, Counter
 
-from gateway.config import _build
 from gateway.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -590,6 +589,9 @@ class Policy:
             data = {}
         if not isinstance(data, dict):
             raise PolicyError(f"policy: must be a mapping, not {type(data).__name__}")
+        # Imported here: gateway.config imports this module's PolicyConfig.
+        from gateway.config import _build
+
         try:
             spec = _build(PolicySpec, data, "")
         except PolicyError:

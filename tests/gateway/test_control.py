@@ -16,8 +16,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from gateway import admin
-from gateway.config import ConfigError, TlsServerConfig
-from gateway.control import ControlConfig, create_control_server, install_sighup_reload
+from gateway.config import ConfigError, _build
+from gateway.control import ControlConfig, ControlTlsConfig, create_control_server, install_sighup_reload
 from gateway.policy import Policy, PolicyHolder
 from gateway.store import MemoryStore
 from protos import control_pb2
@@ -289,7 +289,7 @@ async def test_with_mtls_only_clients_with_a_certificate_from_the_ca_get_in(tmp_
     ca = TestCA(tmp_path)
     server_cert = ca.server()
     client_cert = ca.client("admin", "operator")
-    tls = TlsServerConfig(str(server_cert.cert), str(server_cert.key), client_ca_file=str(ca.files.cert))
+    tls = ControlTlsConfig(str(server_cert.cert), str(server_cert.key), client_ca_file=str(ca.files.cert))
     config = ControlConfig(listen="127.0.0.1:0", tls=tls)
     holder = PolicyHolder(Policy.from_yaml(OLD_POLICY))
     server, port = await create_control_server(
@@ -408,4 +408,18 @@ async def test_admin_says_when_the_gateway_cannot_be_reached(tmp_path: Path, cap
     assert code == 1
     assert capsys.readouterr().err.startswith(
         "tfshield admin: UNAVAILABLE: cannot reach the control API at 127.0.0.1:1"
+    )
+
+
+def test_control_config_loads_from_yaml_data_and_names_bad_keys() -> None:
+    config = _build(
+        ControlConfig,
+        {"listen": "127.0.0.1:8510", "tls": {"cert_file": "c", "key_file": "k", "client_ca_file": "ca"}},
+        "control",
+    )
+    assert config.mtls and config.tls == ControlTlsConfig("c", "k", "ca")
+    with pytest.raises(ConfigError) as error:
+        _build(ControlConfig, {"listen": "127.0.0.1:8510", "token": "x"}, "control")
+    assert (
+        str(error.value) == "control.token: unknown key; known keys here: listen, tls, token_env, token_file"
     )
