@@ -566,7 +566,7 @@ def _output_kind(name: str, values: np.ndarray, datatype: int, kinds: Mapping[st
         return None
     kind = kinds[name]
     if kind == "labels":
-        if datatype not in INTEGER_DATATYPES:
+        if datatype not in INTEGER_DATATYPES and datatype != types_pb2.DT_STRING:
             raise PerturbError(
                 f"output '{name}' is configured as labels but holds {types_pb2.DataType.Name(datatype)}"
             )
@@ -605,18 +605,39 @@ def perturbing(chain: Chain, kinds: Mapping[str, str] | None, keys_for: KeysFor)
 
 
 def deceiving(
-    key: bytes, mode: str, kinds: Mapping[str, str] | None, classes: Mapping[str, int], keys_for: KeysFor
+    key: bytes,
+    mode: str,
+    kinds: Mapping[str, str] | None,
+    classes: Mapping[str, int],
+    keys_for: KeysFor,
+    label_names: Mapping[str, Sequence[str]] | None = None,
 ) -> OutputFn:
-    """The :func:`perturb_response` function deceiving every score and label output."""
+    """The :func:`perturb_response` function deceiving every score and label output.
+
+    Label outputs: integer class ids (``classes[name]`` classes), or strings
+    (``label_names[name]``: the class names in class order; a string that is
+    not one of them is left as it is).
+    """
 
     def fn(name: str, values: np.ndarray, datatype: int) -> np.ndarray | None:
         kind = _output_kind(name, values, datatype, kinds)
         if kind is None or values.size == 0:
             return None
         if kind == "labels":
-            return deceive_labels(
-                values, classes[name], key, mode, keys_for(values.size) if mode != "permutation" else None
+            keys = keys_for(values.size) if mode != "permutation" else None
+            if datatype != types_pb2.DT_STRING:
+                return deceive_labels(values, classes[name], key, mode, keys)
+            names = [n.encode() for n in (label_names or {}).get(name, ())]
+            if len(names) < 2:
+                raise PerturbError(f"string labels output '{name}' needs the class names (outputs: names)")
+            index = {n: i for i, n in enumerate(names)}
+            ids = np.array([index.get(bytes(v), -1) for v in values.reshape(-1)], dtype=np.int64)
+            deceived = deceive_labels(ids, len(names), key, mode, keys)
+            out = np.array(
+                [names[i] if i >= 0 else v for i, v in zip(deceived, values.reshape(-1), strict=True)],
+                dtype=object,
             )
+            return out.reshape(values.shape)
         rows = values.size // values.shape[-1]
         return deceive(values, key, mode, keys_for(rows) if mode != "permutation" else None)
 

@@ -292,7 +292,9 @@ class Enforcer:
             kinds = selection.kinds if names else None
             keys_for = self._keys_for(call, state)
             if decision.action == "deceive":
-                fn = deceiving(self._key, policy.deceive_mode, kinds, selection.classes, keys_for)
+                fn = deceiving(
+                    self._key, policy.deceive_mode, kinds, selection.classes, keys_for, selection.label_names
+                )
                 kinds_applied: tuple[str, ...] = ("deceive",)
             else:
                 steps = policy.perturb_levels[decision.level]

@@ -305,25 +305,29 @@ class OutputSpec:
     """A response output that carries scores, and what they are."""
 
     name: str
-    # probabilities / logits: (..., classes) floats; labels: integer class ids,
-    # rewritten by deceive only (every perturbation keeps the top-1 class anyway).
+    # probabilities / logits: (..., classes) floats; labels: the top-1 class as an
+    # integer id or a string name, rewritten by deceive only (every perturbation
+    # keeps the top-1 class anyway). An unlisted label output would give a
+    # deceived client the true class.
     kind: Literal["probabilities", "logits", "labels"] = "probabilities"
-    # labels only: the number of classes.
+    # labels: the number of classes (integer ids), or the class names in class order (strings).
     classes: int | None = None
+    names: tuple[str, ...] = ()
 
     def validate(self, path: str) -> None:
         if self.kind == "labels":
-            _require(
-                self.classes is not None and self.classes >= 2,
-                _at(path, "classes"),
-                "labels outputs need classes >= 2",
-            )
+            count = self.classes if self.classes is not None else len(self.names)
+            _require(count >= 2, _at(path, "classes"), "labels outputs need classes >= 2 or names")
+            if self.names and self.classes is not None:
+                _require(self.classes == len(self.names), _at(path, "names"), "must have `classes` names")
+            _require(len(set(self.names)) == len(self.names), _at(path, "names"), "names a class twice")
         else:
-            _require(
-                self.classes is None,
-                _at(path, "classes"),
-                f"only labels outputs take classes, not {self.kind}",
-            )
+            for key in ("classes", "names"):
+                _require(
+                    not getattr(self, key),
+                    _at(path, key),
+                    f"only labels outputs take {key}, not {self.kind}",
+                )
 
 
 @dataclass(frozen=True)
@@ -494,9 +498,10 @@ class OutputSelection:
     names: tuple[str, ...]
     kinds: Mapping[str, str]  # name -> probabilities | logits | labels
     classes: Mapping[str, int]  # labels outputs: name -> number of classes
+    label_names: Mapping[str, tuple[str, ...]]  # string labels outputs: name -> class names
 
 
-AUTO_OUTPUTS = OutputSelection((), MappingProxyType({}), MappingProxyType({}))
+AUTO_OUTPUTS = OutputSelection((), MappingProxyType({}), MappingProxyType({}), MappingProxyType({}))
 
 
 def _frozen(values: tuple[str, ...]) -> frozenset[str] | None:
@@ -571,7 +576,8 @@ class Policy:
             model: OutputSelection(
                 tuple(o.name for o in outs),
                 MappingProxyType({o.name: o.kind for o in outs}),
-                MappingProxyType({o.name: o.classes for o in outs if o.classes is not None}),
+                MappingProxyType({o.name: o.classes or len(o.names) for o in outs if o.kind == "labels"}),
+                MappingProxyType({o.name: o.names for o in outs if o.names}),
             )
             for model, outs in spec.outputs.items()
         }
@@ -887,7 +893,8 @@ outputs: {}
 #  mnist:
 #    - {name: probabilities, kind: probabilities}
 #    - {name: logits, kind: logits}
-#    - {name: classes, kind: labels, classes: 10}
+#    - {name: class_ids, kind: labels, classes: 10}
+#    - {name: class_names, kind: labels, names: [zero, one, two, three, four, five, six, seven, eight, nine]}
 
 # First matching non-shadow rule decides; no match: the ladder.
 rules: []

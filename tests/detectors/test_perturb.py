@@ -396,6 +396,23 @@ def test_deceiving_rewrites_scores_logits_and_labels_consistently() -> None:
     np.testing.assert_array_equal(tf.make_ndarray(result.outputs["classes"]), deceived)
 
 
+def test_deceiving_rewrites_string_labels_by_their_class_names() -> None:
+    probs = batch(8, k=3)
+    names = ("zero", "one", "two")
+    labels = np.array([names[i].encode() for i in probs.argmax(axis=1)], dtype=object)
+    response = predict_pb2.PredictResponse()
+    response.outputs["probs"].CopyFrom(tf.make_tensor_proto(probs))
+    response.outputs["labels"].CopyFrom(tf.make_tensor_proto(labels))
+    kinds = {"probs": "probabilities", "labels": "labels"}
+    fn = deceiving(KEY, "misinformation", kinds, {"labels": 3}, keys_for, {"labels": names})
+    result = predict_pb2.PredictResponse.FromString(
+        perturb_response(response.SerializeToString(), list(kinds), fn)
+    )
+    deceived = tf.make_ndarray(result.outputs["probs"]).argmax(axis=1)
+    assert np.all(deceived != probs.argmax(axis=1))
+    assert [v.decode() for v in tf.make_ndarray(result.outputs["labels"])] == [names[i] for i in deceived]
+
+
 @pytest.mark.parametrize(
     "kinds, output, message",
     [

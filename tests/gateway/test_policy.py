@@ -136,7 +136,15 @@ def policy(text: str) -> Policy:
         ),
         (
             "outputs: {m: [{name: classes, kind: labels}]}",
-            "outputs.m.0.classes: labels outputs need classes >= 2",
+            "outputs.m.0.classes: labels outputs need classes >= 2 or names",
+        ),
+        (
+            "outputs: {m: [{name: classes, kind: labels, classes: 3, names: [a, b]}]}",
+            "outputs.m.0.names: must have `classes` names",
+        ),
+        (
+            "outputs: {m: [{name: probs, kind: probabilities, names: [a, b]}]}",
+            "outputs.m.0.names: only labels outputs take names, not probabilities",
         ),
         ("outputs: {m: [{name: p}, {name: p}]}", "outputs.m: names an output twice"),
         ("throttle: {rate_per_s: 0}", "throttle.rate_per_s: must be > 0"),
@@ -235,16 +243,12 @@ def test_an_extraction_flagged_client_is_deceived_instead_of_perturbed_throttled
     # Other flags do not deceive: evasion-style risk still blocks.
     assert default.decide("mnist", "", "c", [flagged("autoencoder")], 0.99).action == "block"
     # A monitor that did not flag this call does not deceive.
-    assert (
-        default.decide("mnist", "", "c", [], 0.99, [Verdict("prada", 0.1, False, 0.9)]).action == "block"
-    )
+    assert default.decide("mnist", "", "c", [], 0.99, [Verdict("prada", 0.1, False, 0.9)]).action == "block"
 
 
 def test_deception_in_the_ladder_can_be_switched_off() -> None:
     no_deceive = policy("ladder: {deceive: null}")
-    assert (
-        no_deceive.decide("m", "", "c", [], 0.99, [Verdict("prada", 9.0, True, 0.9)]).action == "block"
-    )
+    assert no_deceive.decide("m", "", "c", [], 0.99, [Verdict("prada", 9.0, True, 0.9)]).action == "block"
 
 
 # -- rules -------------------------------------------------------------------------------------
