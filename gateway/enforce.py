@@ -62,7 +62,7 @@ from detectors.perturb import Chain, PerturbError, deceiving, perturb_response, 
 from gateway.audit import AuditLog, AuditUnavailable
 from gateway.metrics import BoundedLabel
 from gateway.pipeline import Call, Refusal, Stage
-from gateway.policy import Decision, DetectionLike, MonitorResultLike, Policy, PolicyHolder
+from gateway.policy import DEFAULT_SIGNATURE, Decision, DetectionLike, MonitorResultLike, Policy, PolicyHolder
 
 log = logging.getLogger(__name__)
 
@@ -326,7 +326,8 @@ class Enforcer:
 
 def _signature(call: Call) -> str:
     request = call.request
-    return request.model_spec.signature_name if request is not None else ""
+    signature = request.model_spec.signature_name if request is not None else ""
+    return signature or DEFAULT_SIGNATURE
 
 
 def _refuse(decision: Decision) -> Refusal:
