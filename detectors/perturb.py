@@ -363,19 +363,24 @@ def row_keys(secret: bytes, inputs: Mapping[str, np.ndarray], rows: int, fallbac
     do not have ``rows`` rows each (non-batched outputs), the key of row i is the
     keyed hash of ``fallback`` (the request's bytes) and i.
     """
-    mac_key = _mac_key(secret)
-    arrays = [(name, np.ascontiguousarray(inputs[name])) for name in sorted(inputs)]
+    base = hashlib.blake2b(key=_mac_key(secret), digest_size=8, person=b"tfs-row")
+    arrays = [
+        (f"{name}\0{a.dtype.str}\0{a.shape[1:]}\0".encode(), a)
+        for name in sorted(inputs)
+        for a in [np.ascontiguousarray(inputs[name])]
+    ]
     batched = bool(arrays) and all(a.ndim >= 1 and len(a) == rows for _, a in arrays)
+    if not batched:
+        base.update(fallback)
     out = np.empty(rows, dtype=np.uint64)
     for i in range(rows):
-        h = hashlib.blake2b(key=mac_key, digest_size=8, person=b"tfs-row")
+        h = base.copy()  # cheaper than keying a new hash per row
         if batched:
-            for name, array in arrays:
-                h.update(f"{name}\0{array.dtype.str}\0{array.shape[1:]}\0".encode())
-                row = array[i]
-                h.update(row.tobytes() if row.dtype != object else repr(row.tolist()).encode())
+            for header, array in arrays:
+                h.update(header)
+                row = array[i : i + 1]  # an array even when rows are scalars or strings
+                h.update(row.data if row.dtype != object else repr(row.tolist()).encode())
         else:
-            h.update(fallback)
             h.update(i.to_bytes(8, "little"))
         out[i] = int.from_bytes(h.digest(), "little")
     return out
@@ -439,6 +444,10 @@ class Chain:
     @property
     def kinds(self) -> tuple[str, ...]:
         return tuple(kind for kind, _ in self.steps)
+
+    @property
+    def needs_keys(self) -> bool:
+        return "noise" in self.kinds
 
     def __call__(self, p: np.ndarray, keys: np.ndarray | None = None) -> np.ndarray:
         """Apply every step to probability rows ``p`` (same shape and dtype out)."""
@@ -597,8 +606,8 @@ def perturbing(chain: Chain, kinds: Mapping[str, str] | None, keys_for: KeysFor)
         kind = _output_kind(name, values, datatype, kinds)
         if kind is None or kind == "labels" or values.size == 0:
             return None
-        rows = values.size // values.shape[-1]
-        out = apply(lambda p: chain(p, keys_for(rows)), values, kind)
+        keys = keys_for(values.size // values.shape[-1]) if chain.needs_keys else None
+        out = apply(lambda p: chain(p, keys), values, kind)
         return _fit_wire(out, values, datatype, top1=True)
 
     return fn

@@ -181,6 +181,10 @@ def test_row_keys_depend_on_every_input_and_fall_back_to_the_request_bytes() -> 
     fallback = row_keys(KEY, {"x": x}, 3, fallback=b"request")
     assert len(set(fallback.tolist())) == 3
     np.testing.assert_array_equal(fallback, row_keys(KEY, {}, 3, fallback=b"request"))
+    # Scalar rows and string inputs (tf.Example bytes) key per row too.
+    strings = np.array([b"a", b"b", b"a"], dtype=object)
+    keys = row_keys(KEY, {"s": strings, "v": np.array([1.0, 2.0, 1.0])}, 3)
+    assert keys[0] == keys[2] != keys[1]
 
 
 # -- logits ---------------------------------------------------------------------------------------------
