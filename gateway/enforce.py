@@ -196,6 +196,8 @@ class Enforcer:
     ) -> None:
         self.holder = holder
         self.audit = audit
+        if audit is None:
+            log.info("audit.file is not set: decisions other than allow are counted, not written down")
         if deceive_key is None:
             log.warning(
                 "no deceive key is configured (policy.deceive_key_env / deceive_key_file): deception and "
