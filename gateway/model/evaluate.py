@@ -494,11 +494,12 @@ def evaluate(
             "scoring them offline"
         )
         step = time.monotonic()
+        from detectors.autoencoder import AutoencoderDetector
         from detectors.manifest import load_artefacts
         from gateway.model.calibrate import UpstreamPredictor
 
         _, loaded = load_artefacts(artefacts)
-        ae_outputs = {d.model_name: d.output for d in loaded.values() if d.name == "autoencoder"}
+        ae_outputs = {d.model_name: d.output for d in loaded.values() if isinstance(d, AutoencoderDetector)}
         phases = [Phase("clean", "clean held-out", x_eval)]
         phases += [Phase(run.spec.key, run.spec.label, run.x_adv) for run in runs]
         with UpstreamPredictor(
@@ -726,11 +727,9 @@ def write_report(
     (out / "detection_eval.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "detection_eval.md").write_text(markdown(report))
     # The successful adversarial examples, for auditing the numbers (np.load(..., allow_pickle=False)).
-    np.savez_compressed(
-        out / "adversarial_examples.npz",
-        **{f"x_{run.spec.key}": run.x_adv for run in runs},
-        **{f"y_{run.spec.key}": run.y_true for run in runs},
-    )
+    examples: dict[str, Any] = {f"x_{run.spec.key}": run.x_adv for run in runs}
+    examples.update({f"y_{run.spec.key}": run.y_true for run in runs})
+    np.savez_compressed(out / "adversarial_examples.npz", **examples)
     for phase in phases[1:]:
         if phase.n:  # no successful adversarial example, no curve
             plot_roc(phase, phases[0], detectors, out / f"roc_{phase.key}.png")
