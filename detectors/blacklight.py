@@ -1,0 +1,314 @@
+"""Query-based evasion: probabilistic fingerprints of every query, matched across all clients.
+
+Paper: Li, Shan, Wenger, Zhang, Zheng, Zhao, "Blacklight: Scalable Defense
+for Neural Networks against Query-Based Black-Box Attacks", USENIX Security
+2022. Query-based attacks (HopSkipJump, Boundary, Square, SimBA, ...) walk
+the input space in small steps, so their queries are near-duplicates of each
+other; benign traffic rarely is. Blacklight quantises each query, hashes
+sliding windows of it with a secret salt, keeps the top-S hashes as the
+query's fingerprint, and counts how many of them an earlier query shares.
+
+Fingerprint (per sample; the image shape and value range come from ``fit``):
+
+1. quantise: ``level = rint((x − lo) / (hi − lo) / step)``; ``step = 0.2``
+   (the paper's 50 grey levels ≈ 0.196), with rounding rather than flooring
+   so that black (0) and white (1) sit in the middle of their bins: MNIST
+   strokes are 253–255, and a floor at 250 would flip them under the
+   slightest re-encoding noise;
+2. windows: every ``patch × patch`` square (all channels), stride 1, for
+   image-shaped inputs; ``patch²`` consecutive values for flat ones. The
+   paper slides 1-D windows over the flattened image; on MNIST those are
+   mostly pieces of one row (runs of background and stroke) and different
+   digits share many of them: the most similar of 1,000 distinct test digits
+   matched up to 35 of 50 hashes (20-wide windows), overlapping the near-
+   duplicates the monitor must catch. 4 × 4 squares capture stroke shapes:
+   distinct digits share at most 14 of 50, while re-encoded copies and attack
+   steps share 30–50 (measured on the bundled MNIST split);
+3. skip flat windows (one quantised level throughout: background, the inside
+   of a stroke): they carry no shape, and every image has them;
+4. hash each window with a keyed 64-bit hash (random odd multipliers derived
+   from the secret, then the splitmix64 finaliser) and keep the ``top_s``
+   largest distinct hashes. Without the secret an attacker cannot tell which
+   windows are in the fingerprint, the paper's defence against adaptive attacks.
+
+The index (global, shared by every client and replica, in the store): one key
+per hash ``tfs:blacklight:g:h:<hash>`` → the digest and cluster of the most
+recent query that had it, and one key per exact content ``tfs:blacklight:g:d:
+<digest>`` → its cluster, both expiring after ``ttl_s`` (so the index holds
+at most the queries of the last ``ttl_s`` seconds). A query is a **hit** when
+at least ``match_threshold`` of its hashes were last written by one single
+earlier query (the paper's per-pair count), from any client: spreading an
+attack over many accounts does not hide it, and the hit is attributed to the
+client who sent the query.
+
+Benign near-duplicates, and why the score is per cluster. Re-sending the same
+digit is normal (a retry, a cache miss, a popular input sent by many users),
+and a re-encoding (float → uint8 → float, light JPEG, a little noise)
+produces a near-duplicate that Blacklight matches by design, exactly like an
+attack step: HopSkipJump's gradient probes differ from each other by less
+than a JPEG round trip does. So the content alone cannot separate them.
+Two things can:
+
+- an **exact duplicate** (same image at 8-bit resolution, see
+  :func:`detectors.monitor.content_digests`) gives an attacker nothing new
+  (the same answer again; a cache could serve it), so it is never a hit, no
+  matter who sent the original. The paper counts it; on a service where many
+  users send the same popular inputs that would flag them all;
+- an attack is a *long* walk: dozens to thousands of distinct queries, each
+  a near-duplicate of the ones before. A benign user re-sends one input a
+  few times. So every query inherits the **cluster** of the query it matched
+  (a new query starts its own), and the client's score is the largest
+  number of hits it made within one cluster, not the number of hits overall
+  (which grows with volume for a user who re-sends a little of everything).
+  Each client tracks its ``max_clusters`` busiest clusters (the least busy
+  one is replaced, starting again from 1), counts decaying with half-life
+  ``half_life_s``.
+
+The threshold on that count is calibrated on benign clients that re-send
+digits (some exactly, some lightly re-encoded). Attacks reach it within a
+few dozen queries: every attack step is a hit in the same cluster.
+
+Cost per query: one quantisation and ~600 window hashes (numpy), a sort,
+and ``top_s + 1`` keys read and written in one ``get_many`` and one
+``set_many`` per request. Per-client state: ``max_clusters`` ids and counts
+(< 200 bytes). The index costs ``top_s + 1`` keys per distinct query within
+``ttl_s`` (about 16 bytes of value + the key each).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+
+import numpy as np
+
+from detectors.base import DetectorError, Predictor, register
+from detectors.monitor import Monitor, MonitorResult, QueryBatch, content_digests
+from gateway.store import Store
+
+__all__ = ["Blacklight"]
+
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+_S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
+
+
+def _mix(h: np.ndarray, key: np.uint64) -> np.ndarray:
+    """splitmix64's finaliser of ``h ^ key``: a bijection that scrambles every bit."""
+    h = h ^ key
+    h = (h ^ (h >> _S30)) * _M1
+    h = (h ^ (h >> _S27)) * _M2
+    return h ^ (h >> _S31)
+
+
+@register
+class Blacklight(Monitor):
+    """Near-duplicate queries across all clients, counted per client and cluster.
+
+    Hyperparameters:
+
+    ``step`` (float in (0, 1], default 0.2)
+        quantisation step, as a fraction of the value range.
+    ``patch`` (int ≥ 1, default 4)
+        window side (``patch × patch`` squares; ``patch²`` values for flat inputs).
+    ``top_s`` (int ≥ 1, default 50)
+        hashes kept per query (the fingerprint).
+    ``match_threshold`` (int in [1, top_s], default 25)
+        hashes one earlier query must share for a hit.
+    ``max_clusters`` (int ≥ 1, default 8)
+        clusters tracked per client.
+    ``half_life_s`` (float > 0, default 600)
+        half-life of the per-cluster hit counts, seconds.
+    ``ttl_s`` (float > 0, default 3600)
+        how long the index remembers a query, and a client's counts, seconds.
+
+    Learned by ``fit``: ``input_shape_`` (the sample shape) and ``value_low_`` /
+    ``value_high_`` (the reference data's value range).
+
+    Score: the client's largest decayed hit count within one cluster, ≥ 0;
+    flagged above ``threshold_`` (calibrated).
+
+    Secret: call :meth:`set_secret` with the configured salt before serving;
+    every replica sharing a store must use the same one. Without it a random
+    per-instance salt is used, which is fine for a single replica on the
+    memory store only. The salt is never saved with the artefact.
+    """
+
+    name = "blacklight"
+    params = ("step", "patch", "top_s", "match_threshold", "max_clusters", "half_life_s", "ttl_s")
+    max_state_bytes = 512
+    needs_prediction = False
+    flags_when = "above"
+
+    input_shape_: np.ndarray
+    value_low_: float
+    value_high_: float
+
+    def __init__(
+        self,
+        step: float = 0.2,
+        patch: int = 4,
+        top_s: int = 50,
+        match_threshold: int = 25,
+        max_clusters: int = 8,
+        half_life_s: float = 600.0,
+        ttl_s: float = 3600.0,
+    ) -> None:
+        if not 0.0 < step <= 1.0:
+            raise DetectorError(f"blacklight: step must be in (0, 1], got {step}")
+        for label, value in (("patch", patch), ("top_s", top_s), ("max_clusters", max_clusters)):
+            if int(value) != value or value < 1:
+                raise DetectorError(f"blacklight: {label} must be an integer >= 1, got {value}")
+        if int(match_threshold) != match_threshold or not 1 <= match_threshold <= top_s:
+            raise DetectorError(
+                f"blacklight: match_threshold must be an integer in [1, top_s], got {match_threshold}"
+            )
+        if not half_life_s > 0 or not ttl_s > 0:
+            raise DetectorError("blacklight: half_life_s and ttl_s must be > 0")
+        self.step = float(step)
+        self.patch = int(patch)
+        self.top_s = int(top_s)
+        self.match_threshold = int(match_threshold)
+        self.max_clusters = int(max_clusters)
+        self.half_life_s = float(half_life_s)
+        self.ttl_s = float(ttl_s)
+        self.set_secret(os.urandom(32))
+
+    def set_secret(self, secret: bytes | str) -> Blacklight:
+        """Key the window hashes and content digests (the paper's secret salt)."""
+        raw = secret.encode() if isinstance(secret, str) else bytes(secret)
+        if not raw:
+            raise DetectorError("blacklight: the secret must not be empty")
+        seed = hashlib.blake2b(raw, digest_size=32, person=b"tfs-blacklight").digest()
+        rng = np.random.default_rng(np.frombuffer(seed, dtype=np.uint32))
+        # Enough odd multipliers for any window (patch² × channels values).
+        self._multipliers = rng.integers(0, 2**63, size=4096, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+        self._hash_key = np.uint64(rng.integers(0, 2**63, dtype=np.uint64))
+        self._digest_key = seed
+        return self
+
+    def _fit(self, x_ref: np.ndarray, predictor: Predictor | None) -> None:
+        shape = x_ref.shape[1:]
+        if math.prod(shape) < self.patch * self.patch:
+            raise DetectorError(f"blacklight: samples of shape {list(shape)} are smaller than one window")
+        if len(shape) >= 2 and (shape[0] < self.patch or shape[1] < self.patch):
+            raise DetectorError(
+                f"blacklight: images {list(shape)} are smaller than {self.patch}x{self.patch}"
+            )
+        self.input_shape_ = np.asarray(shape, dtype=np.int64)
+        low, high = float(np.min(x_ref)), float(np.max(x_ref))
+        self.value_low_ = low
+        self.value_high_ = high if high > low else low + 1.0
+
+    def _state(self) -> dict[str, np.ndarray]:
+        return {"input_shape_": self.input_shape_}
+
+    def _scalars(self) -> dict[str, float | int | str]:
+        return {"value_low_": self.value_low_, "value_high_": self.value_high_}
+
+    # -- fingerprints ------------------------------------------------------------------
+
+    def fingerprints(self, x: np.ndarray) -> list[np.ndarray]:
+        """The fingerprint of every sample of ``x`` (n, features): up to ``top_s`` sorted uint64 hashes."""
+        n = len(x)
+        shape = tuple(int(s) for s in self.input_shape_)
+        if x.shape[1:] != (math.prod(shape),) and x.shape[1:] != shape:
+            raise DetectorError(
+                f"blacklight: samples have shape {list(x.shape[1:])}, fitted on {list(shape)}"
+            )
+        scaled = (np.asarray(x, dtype=np.float32).reshape(n, -1) - self.value_low_) / (
+            (self.value_high_ - self.value_low_) * self.step
+        )
+        levels = np.clip(np.rint(scaled), 0, 255).astype(np.uint64)
+        p = self.patch
+        if len(shape) >= 2:
+            images = levels.reshape(n, shape[0], shape[1], -1)
+            windows = np.lib.stride_tricks.sliding_window_view(images, (p, p), axis=(1, 2))
+            windows = windows.reshape(n, -1, p * p * images.shape[3])
+        else:
+            windows = np.lib.stride_tricks.sliding_window_view(levels, p * p, axis=1)
+        size = windows.shape[2]
+        flat = (windows == windows[:, :, :1]).all(axis=2)
+        hashes = _mix((windows * self._multipliers[:size]).sum(axis=2, dtype=np.uint64), self._hash_key)
+        out = []
+        for i in range(n):
+            kept = np.unique(hashes[i][~flat[i]])
+            out.append(kept[-self.top_s :])
+        return out
+
+    def digests(self, x: np.ndarray) -> np.ndarray:
+        return content_digests(x, self._digest_key)
+
+    # -- the monitor ---------------------------------------------------------------------
+
+    def _hash_key_name(self, h: int) -> str:
+        return f"tfs:{self.name}:g:h:{h:016x}"
+
+    def _digest_key_name(self, d: int) -> str:
+        return f"tfs:{self.name}:g:d:{d:016x}"
+
+    async def observe(self, store: Store, client: str, batch: QueryBatch, now: float) -> MonitorResult:
+        prints = self.fingerprints(batch.x)
+        digests = self.digests(batch.x)
+        hash_keys = [[self._hash_key_name(int(h)) for h in fp] for fp in prints]
+        digest_keys = [self._digest_key_name(int(d)) for d in digests]
+        keys = list(dict.fromkeys([self.key(client), *digest_keys, *(k for ks in hash_keys for k in ks)]))
+        fetched = dict(zip(keys, await store.get_many(keys), strict=True))
+
+        state = self._decode(fetched[self.key(client)])
+        ids = np.zeros(self.max_clusters, dtype=np.uint64)
+        counts = np.zeros(self.max_clusters, dtype=np.float32)
+        if (
+            state is not None
+            and state.get("ids", ids).shape == ids.shape
+            and state.get("counts", counts).shape == counts.shape
+        ):
+            ids, counts = state["ids"], state["counts"]
+            elapsed = max(0.0, now - float(state.get("t", np.float64(now))))
+            counts = (counts * np.float32(0.5 ** (elapsed / self.half_life_s))).astype(np.float32)
+
+        writes: dict[str, bytes] = {}
+
+        def lookup(key: str) -> bytes | None:
+            return writes[key] if key in writes else fetched.get(key)
+
+        for i in range(len(prints)):
+            digest = int(digests[i])
+            digest_bytes = digest.to_bytes(8, "little")
+            exact = lookup(digest_keys[i])
+            owners: dict[bytes, int] = {}
+            owner_cluster: dict[bytes, bytes] = {}
+            for key in hash_keys[i]:
+                value = lookup(key)
+                if value is not None and len(value) == 16:
+                    owner = value[:8]
+                    owners[owner] = owners.get(owner, 0) + 1
+                    owner_cluster[owner] = value[8:]
+            cluster = digest_bytes
+            if exact is not None and len(exact) == 8:
+                cluster = exact  # the same image again: never a hit
+            elif owners:
+                best = max(owners, key=owners.__getitem__)
+                if owners[best] >= self.match_threshold:
+                    cluster = owner_cluster[best]
+                    ids, counts = self._count_hit(ids, counts, int.from_bytes(cluster, "little"))
+            writes[digest_keys[i]] = cluster
+            entry = digest_bytes + cluster
+            for key in hash_keys[i]:
+                writes[key] = entry
+
+        score = float(counts.max()) if len(counts) else 0.0
+        writes[self.key(client)] = self._encode({"ids": ids, "counts": counts, "t": np.float64(now)})
+        await store.set_many(writes.items(), self.ttl_s)
+        return self._result(score)
+
+    def _count_hit(self, ids: np.ndarray, counts: np.ndarray, cluster: int) -> tuple[np.ndarray, np.ndarray]:
+        match = np.flatnonzero((ids == np.uint64(cluster)) & (counts > 0))
+        if match.size:
+            counts[match[0]] += 1.0
+        else:
+            slot = int(np.argmin(counts))  # the least busy cluster makes room
+            ids[slot] = np.uint64(cluster)
+            counts[slot] = 1.0
+        return ids, counts

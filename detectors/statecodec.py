@@ -1,0 +1,139 @@
+"""A compact, safe encoding of a monitor's per-client state: a few small numpy arrays.
+
+Monitor state travels through the store (memory or Redis) as bytes, and bytes
+read back from a shared Redis are untrusted: anyone with access to it, a bug
+in another version, or a truncated write can put anything there. So the
+format is a flat, fully validated layout, never pickle, never ``np.load``::
+
+    magic      4 bytes   b"TFS1"
+    count      u8        number of arrays
+    then per array (header):
+      name_len u8, name (ASCII, 1..32 bytes)
+      dtype    u8        code from DTYPES
+      ndim     u8        0..4
+      dims     ndim × u32
+    then the arrays' data, in header order, little-endian, C order
+
+Decoding checks every field (magic, known dtype, sizes adding up to exactly
+the blob's length, a size cap) and raises :class:`StateError` with the reason;
+a monitor treats that as a fresh client and counts it (``Monitor.corrupt_states_total``).
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+
+import numpy as np
+
+from detectors.base import DetectorError
+
+__all__ = ["MAGIC", "StateError", "decode_state", "encode_state"]
+
+MAGIC = b"TFS1"
+MAX_ARRAYS = 32
+MAX_NAME_BYTES = 32
+MAX_NDIM = 4
+# The largest blob decode accepts unless told otherwise (monitors pass their max_state_bytes).
+DEFAULT_MAX_BYTES = 1 << 20
+
+# Codes are part of the format: append, never renumber.
+DTYPES: dict[int, np.dtype] = {
+    1: np.dtype("<f2"),
+    2: np.dtype("<f4"),
+    3: np.dtype("<f8"),
+    4: np.dtype("u1"),
+    5: np.dtype("<i4"),
+    6: np.dtype("<u4"),
+    7: np.dtype("<i8"),
+    8: np.dtype("<u8"),
+}
+_CODES: dict[tuple[str, int], int] = {(dt.kind, dt.itemsize): code for code, dt in DTYPES.items()}
+
+
+class StateError(DetectorError):
+    """A state blob is not a valid encoding; the message says why."""
+
+
+def _code(dtype: np.dtype) -> int:
+    code = _CODES.get((dtype.kind, dtype.itemsize))
+    if code is None:
+        raise StateError(
+            f"cannot encode dtype {dtype}; supported: {', '.join(str(d) for d in DTYPES.values())}"
+        )
+    return code
+
+
+def encode_state(arrays: dict[str, np.ndarray]) -> bytes:
+    """Pack ``{name: array}`` (dtypes in ``DTYPES``, at most 4 dimensions) into bytes."""
+    if len(arrays) > MAX_ARRAYS:
+        raise StateError(f"at most {MAX_ARRAYS} arrays per state, got {len(arrays)}")
+    header = [MAGIC, struct.pack("<B", len(arrays))]
+    data = []
+    for name, value in arrays.items():
+        array = np.asarray(value)
+        raw_name = name.encode("ascii")
+        if not 0 < len(raw_name) <= MAX_NAME_BYTES:
+            raise StateError(f"array name must be 1..{MAX_NAME_BYTES} ASCII bytes, got {name!r}")
+        if array.ndim > MAX_NDIM:
+            raise StateError(f"array '{name}' has {array.ndim} dimensions, at most {MAX_NDIM}")
+        code = _code(array.dtype)
+        header.append(
+            struct.pack(
+                f"<B{len(raw_name)}sBB{array.ndim}I", len(raw_name), raw_name, code, array.ndim, *array.shape
+            )
+        )
+        data.append(np.ascontiguousarray(array, dtype=DTYPES[code]).tobytes())
+    return b"".join(header + data)
+
+
+def decode_state(blob: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> dict[str, np.ndarray]:
+    """Unpack bytes written by :func:`encode_state`; raises :class:`StateError` on anything else.
+
+    Arrays are fresh, writable copies (the caller updates them in place).
+    """
+    if not isinstance(blob, (bytes, bytearray, memoryview)):
+        raise StateError(f"state must be bytes, got {type(blob).__name__}")
+    view = memoryview(blob)
+    if len(view) > max_bytes:
+        raise StateError(f"state is {len(view)} bytes, more than the {max_bytes} allowed")
+    if len(view) < 5 or bytes(view[:4]) != MAGIC:
+        raise StateError("state does not start with the TFS1 magic")
+    count = view[4]
+    if count > MAX_ARRAYS:
+        raise StateError(f"state claims {count} arrays, at most {MAX_ARRAYS}")
+    offset = 5
+    specs: list[tuple[str, np.dtype, tuple[int, ...]]] = []
+    try:
+        for _ in range(count):
+            (name_len,) = struct.unpack_from("<B", view, offset)
+            offset += 1
+            if not 0 < name_len <= MAX_NAME_BYTES:
+                raise StateError(f"array name length {name_len} out of range")
+            name = bytes(view[offset : offset + name_len]).decode("ascii")
+            offset += name_len
+            code, ndim = struct.unpack_from("<BB", view, offset)
+            offset += 2
+            if code not in DTYPES:
+                raise StateError(f"array '{name}' has unknown dtype code {code}")
+            if ndim > MAX_NDIM:
+                raise StateError(f"array '{name}' has {ndim} dimensions, at most {MAX_NDIM}")
+            shape = struct.unpack_from(f"<{ndim}I", view, offset)
+            offset += 4 * ndim
+            specs.append((name, DTYPES[code], shape))
+    except (struct.error, UnicodeDecodeError) as exc:
+        raise StateError(f"state header is truncated or malformed: {exc}") from None
+    arrays: dict[str, np.ndarray] = {}
+    for name, dtype, shape in specs:
+        size = dtype.itemsize * math.prod(shape)  # Python ints: no overflow
+        if offset + size > len(view):
+            raise StateError(f"array '{name}' needs {size} bytes, only {len(view) - offset} left")
+        arrays[name] = (
+            np.frombuffer(view, dtype=dtype, count=size // dtype.itemsize, offset=offset)
+            .reshape(shape)
+            .copy()
+        )
+        offset += size
+    if offset != len(view):
+        raise StateError(f"{len(view) - offset} trailing bytes after the arrays")
+    return arrays
