@@ -15,6 +15,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("gateway.model.demo", "train the demo model once, then serve it behind the gateway with traffic"),
     "model-server": ("gateway.model.server", "serve SavedModels over TF Serving's gRPC API (reference server)"),
     "bench": ("gateway.bench", "benchmark direct vs gateway vs nginx; prints a table, writes JSON"),
+    "admin": ("gateway.admin", "query and steer a running gateway through its control API"),
     "calibrate": ("gateway.model.calibrate", "fit and calibrate detectors against a running upstream"),
     "eval": ("gateway.model.evaluate", "attack the demo model through the gateway and report detection"),
 }

@@ -24,7 +24,10 @@ from typing import Any, Literal
 
 import yaml
 
+from gateway.audit import AuditConfig
+from gateway.control import ControlConfig
 from gateway.errors import ConfigError
+from gateway.policy import PolicyConfig
 
 MIB = 1024 * 1024
 
@@ -167,6 +170,9 @@ class GatewayConfig:
     identity: IdentityConfig = field(default_factory=IdentityConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     detection: DetectionConfig = field(default_factory=DetectionConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
     # ModelService/HandleReloadConfigRequest unloads every model left out of
     # the new config: refused (PERMISSION_DENIED) unless this is true.
     allow_reload_config: bool = False

@@ -51,6 +51,11 @@ class ClientIdentifier:
             salt = env_salt.encode() if env_salt else secrets.token_bytes(32)
         self._salt = salt
 
+    @property
+    def salt(self) -> bytes:
+        """The secret that keys client-id hashes (the audit log hashes client ids with it too)."""
+        return self._salt
+
     def hash_key(self, api_key: str | bytes) -> str:
         if self._warn_random_salt:
             self._warn_random_salt = False

@@ -45,8 +45,10 @@ class Call:
     # What goes upstream instead of ``raw``, when a stage had to change the request
     # (model-in-the-loop detectors); None keeps the allow path byte-exact.
     forward_raw: bytes | None = None
-    # Per-call state of the detect stage.
+    # Per-call state of the detect, monitor and policy stages.
     detect_state: Any = None
+    monitor_state: Any = None
+    policy_state: Any = None
 
 
 class Stage:

@@ -27,14 +27,18 @@ from typing import Any
 import grpc
 from prometheus_client import CollectorRegistry, start_http_server
 
+from gateway.audit import AuditLog
 from gateway.config import GatewayConfig, load_config, with_overrides
+from gateway.control import create_control_server, install_sighup_reload
 from gateway.decode import peek_model_name
 from gateway.errors import ConfigError, InvalidInput
 from gateway.forward import UpstreamPool, forwardable
 from gateway.health import HealthService
 from gateway.identity import ClientIdentifier
 from gateway.metrics import GatewayMetrics
+from gateway.enforce import Enforcer
 from gateway.pipeline import Call, DecodeStage, Refusal, Stage
+from gateway.policy import PolicyHolder
 from gateway.readyfile import write_ready_file
 
 log = logging.getLogger("tfshield.gateway")
@@ -93,7 +97,18 @@ class Gateway:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = GatewayMetrics(self.registry, config.metrics.max_model_labels)
         self.identifier = ClientIdentifier(config.identity)
-        self.stages: list[Stage] = [DecodeStage(config.limits.max_tensor_elements)]
+        self.policy = PolicyHolder.load(config.policy.file, self.registry)
+        self.audit = AuditLog(config.audit, self.registry, self.identifier.salt) if config.audit.file else None
+        self.enforcer = Enforcer(
+            self.policy,
+            self.registry,
+            audit=self.audit,
+            deceive_key=config.policy.deceive_key(),
+            model_label=self.metrics.model_label,
+        )
+        # Requests run the stages in order, responses in reverse (pipeline.py):
+        # decode → detect → decide → forward → detect → respond.
+        self.stages: list[Stage] = [DecodeStage(config.limits.max_tensor_elements), self.enforcer.respond_stage]
         if config.detection.models:
             # Imported only when configured: a pass-through gateway loads no detector code.
             from gateway.detect import DetectStage
@@ -106,6 +121,9 @@ class Gateway:
                     in_flight=lambda: self.in_flight,
                 )
             )
+        self.stages.append(self.enforcer.decide_stage)
+        self.control_server: grpc.aio.Server | None = None
+        self.control_port = 0
         self.health = HealthService()
         # Calls being handled now (the micro-batcher asks whether more can join a batch).
         self.in_flight = 0
@@ -142,6 +160,10 @@ class Gateway:
             self._metrics_httpd, _ = start_http_server(port, addr=host, registry=self.registry)
             self.metrics_port = self._metrics_httpd.server_port
         await self.server.start()
+        if self.config.control.listen:
+            self.control_server, self.control_port = await create_control_server(
+                self.config.control, self.policy, None, None, self.registry
+            )
         self._probe_task = asyncio.create_task(self._probe_upstream())
         return self.port
 
@@ -149,6 +171,8 @@ class Gateway:
         """Stop taking calls, give in-flight calls ``grace_s`` to finish, close everything."""
         grace = self.config.shutdown_grace_s if grace_s is None else grace_s
         self.health.shut_down()
+        if self.control_server is not None:
+            await self.control_server.stop(0)
         if self.server is not None:
             await self.server.stop(grace)
         if self._probe_task is not None:
@@ -159,6 +183,8 @@ class Gateway:
             await stage.close()
         if self.upstream is not None:
             await self.upstream.close()
+        if self.audit is not None:
+            await asyncio.to_thread(self.audit.close)
         if self._metrics_httpd is not None:
             self._metrics_httpd.shutdown()
             self._metrics_httpd.server_close()
@@ -228,7 +254,7 @@ class Gateway:
                     await context.abort(code, str(exc))
                 except Refusal as exc:
                     code = exc.code
-                    await context.abort(code, exc.message)
+                    await context.abort(code, exc.message, getattr(exc, "trailing_metadata", ()))
                 initial = await upstream_call.initial_metadata()
                 if initial:
                     await context.send_initial_metadata(tuple(initial))
@@ -265,9 +291,13 @@ async def serve(config: GatewayConfig, ready_file: str | None = None) -> None:
         config.listen, port, config.upstream.target, gateway.metrics_port,
     )
     if ready_file:
-        write_ready_file(ready_file, grpc_port=port, metrics_port=gateway.metrics_port)
+        ports = {"grpc_port": port, "metrics_port": gateway.metrics_port}
+        if gateway.control_port:
+            ports["control_port"] = gateway.control_port
+        write_ready_file(ready_file, **ports)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    install_sighup_reload(gateway.policy, loop)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()

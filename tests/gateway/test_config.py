@@ -23,8 +23,11 @@ def test_nested_values_are_typed() -> None:
 @pytest.mark.parametrize(
     "data, message",
     [
-        ({"upstrem": {}}, "upstrem: unknown key; known keys here: allow_reload_config, detection, identity, keepalive, limits, "
-         "listen, metrics, shutdown_grace_s, tls, upstream"),
+        (
+            {"upstrem": {}},
+            "upstrem: unknown key; known keys here: allow_reload_config, audit, control, detection, identity, "
+            "keepalive, limits, listen, metrics, policy, shutdown_grace_s, tls, upstream",
+        ),
         ({"upstream": {"channels": 0}}, "upstream.channels: must be between 1 and 64"),
         ({"upstream": {"channels": "2"}}, "upstream.channels: must be int, not '2'"),
         ({"upstream": {"target": "nohost"}}, "upstream.target: must be host:port"),
