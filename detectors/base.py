@@ -159,7 +159,9 @@ class Detector(ABC):
 
     def _check_predictor(self, predictor: Predictor | None) -> None:
         if self.needs_predictor and predictor is None:
-            raise DetectorError(f"detector '{self.name}' calls a model: pass predictor=(model_name, batch) -> output")
+            raise DetectorError(
+                f"detector '{self.name}' calls a model: pass predictor=(model_name, batch) -> output"
+            )
 
     # -- artefacts ---------------------------------------------------------------
 

@@ -59,7 +59,9 @@ def load_artefacts(directory: str | Path) -> tuple[Manifest, dict[str, Detector]
     try:
         data = json.loads(path.read_text())
     except OSError as exc:
-        raise ArtefactError(f"{path}: cannot read ({exc.strerror}); run tfshield calibrate --out {folder}") from None
+        raise ArtefactError(
+            f"{path}: cannot read ({exc.strerror}); run tfshield calibrate --out {folder}"
+        ) from None
     except json.JSONDecodeError as exc:
         raise ArtefactError(f"{path}: not valid JSON ({exc})") from None
     if data.get("format_version") != MANIFEST_FORMAT_VERSION:

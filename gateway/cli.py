@@ -12,8 +12,14 @@ GRPC_EXPERIMENTS = "-event_engine_client,-event_engine_listener,-event_engine_fo
 # subcommand -> (module with ``main(argv) -> int``, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("gateway.server", "run the gateway in front of a TF Serving upstream"),
-    "demo": ("gateway.model.demo", "train the demo model once, then serve it behind the gateway with traffic"),
-    "model-server": ("gateway.model.server", "serve SavedModels over TF Serving's gRPC API (reference server)"),
+    "demo": (
+        "gateway.model.demo",
+        "train the demo model once, then serve it behind the gateway with traffic",
+    ),
+    "model-server": (
+        "gateway.model.server",
+        "serve SavedModels over TF Serving's gRPC API (reference server)",
+    ),
     "bench": ("gateway.bench", "benchmark direct vs gateway vs nginx; prints a table, writes JSON"),
     "admin": ("gateway.admin", "query and steer a running gateway through its control API"),
     "calibrate": ("gateway.model.calibrate", "fit and calibrate detectors against a running upstream"),

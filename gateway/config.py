@@ -211,9 +211,7 @@ def _build(tp: Any, value: Any, path: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: must be a mapping")
         key_type, item_type = typing.get_args(tp)
-        return {
-            _build(key_type, k, path): _build(item_type, v, _join(path, k)) for k, v in value.items()
-        }
+        return {_build(key_type, k, path): _build(item_type, v, _join(path, k)) for k, v in value.items()}
     if origin is tuple:
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{path}: must be a list")

@@ -81,11 +81,15 @@ class DetectMetrics:
             registry=registry,
         )
         self.flags = Counter(
-            "tfshield_detector_flags", "Samples flagged, by detector and model.", ["detector", "model"],
+            "tfshield_detector_flags",
+            "Samples flagged, by detector and model.",
+            ["detector", "model"],
             registry=registry,
         )
         self.errors = Counter(
-            "tfshield_detector_errors", "Detector failures (exceptions), by detector.", ["detector"],
+            "tfshield_detector_errors",
+            "Detector failures (exceptions), by detector.",
+            ["detector"],
             registry=registry,
         )
         self.failures = Counter(
@@ -95,11 +99,16 @@ class DetectMetrics:
             registry=registry,
         )
         self.batch_size = Histogram(
-            "tfshield_batch_size", "Samples per scored micro-batch.", buckets=BATCH_SIZE_BUCKETS, registry=registry
+            "tfshield_batch_size",
+            "Samples per scored micro-batch.",
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=registry,
         )
         self.queue_wait = Histogram(
-            "tfshield_queue_wait_seconds", "Time a request's samples waited for their micro-batch.",
-            buckets=QUEUE_WAIT_BUCKETS, registry=registry,
+            "tfshield_queue_wait_seconds",
+            "Time a request's samples waited for their micro-batch.",
+            buckets=QUEUE_WAIT_BUCKETS,
+            registry=registry,
         )
 
     def observe_batch(self, size: int, waits: list[float]) -> None:
@@ -183,7 +192,9 @@ class DetectStage(Stage):
         if manifest.model != model_config.model:
             log.warning(
                 "artefacts in %s were calibrated for model '%s', configured for '%s'",
-                model_config.artefacts, manifest.model, model_config.model,
+                model_config.artefacts,
+                manifest.model,
+                model_config.model,
             )
         validator = squeezer = autoencoder = None
         batched: list[Detector] = []
@@ -197,14 +208,14 @@ class DetectStage(Stage):
             elif not detector.needs_predictor:
                 batched.append(detector)
             else:
+                where = model_config.artefacts
                 raise ConfigError(
-                    f"{model_config.artefacts}: detector '{detector.name}' calls a model the gateway cannot feed"
+                    f"{where}: detector '{detector.name}' calls a model the gateway cannot feed"
                 )
         return ProtectedModel(manifest, dict(model_config.actions), validator, batched, squeezer, autoencoder)
 
     def _batch_scorer(self, protected: ProtectedModel) -> Callable[[np.ndarray], BatchScores]:
         model = protected.manifest.model
-        metrics = self.metrics
 
         def score(batch: np.ndarray) -> BatchScores:
             # Runs in the worker thread: observing scores here keeps it off the event loop.
@@ -235,7 +246,7 @@ class DetectStage(Stage):
 
     # -- failure policy ----------------------------------------------------------
 
-    def _fail(self, reason: str, detector: str, exc: BaseException | None) -> None:
+    def _fail(self, reason: str, detector: str, exc: BaseException | None, *, answered: bool = False) -> None:
         """Apply the failure mode; returns only when the request may go on unscored."""
         if exc is not None:
             self.metrics.errors.labels(detector).inc()
@@ -248,9 +259,11 @@ class DetectStage(Stage):
                     "the gateway's scoring queue is full; retry with backoff",
                     rule="queue_full",
                 )
+            # Before forwarding the request is held back; after it, the upstream's answer is.
+            outcome = "its response was withheld" if answered else "it was not forwarded"
             raise Refusal(
                 grpc.StatusCode.UNAVAILABLE,
-                f"detector '{detector}' could not score this request; it was not forwarded",
+                f"detector '{detector}' could not score this request; {outcome}",
                 rule="detector_error",
             )
         self.metrics.failures.labels(reason, "open").inc()
@@ -312,15 +325,15 @@ class DetectStage(Stage):
         assert call.request is not None
         name = state.model.manifest.input
         if len(call.request.inputs) != 1:
-            self._fail("detector_error", squeezer.name, ValueError("feature squeezing needs a single-input model"))
+            self._fail(
+                "detector_error", squeezer.name, ValueError("feature squeezing needs a single-input model")
+            )
             return
         original = call.request.inputs[name]
         batch = np.concatenate([state.x, *squeezer.variants(state.x)])
         request = predict_pb2.PredictRequest()
         request.CopyFrom(call.request)
-        request.inputs[name].CopyFrom(
-            numpy_to_tensor(batch, as_tensor_content=True, dtype=original.dtype)
-        )
+        request.inputs[name].CopyFrom(numpy_to_tensor(batch, as_tensor_content=True, dtype=original.dtype))
         output = state.model.manifest.output
         if request.output_filter and output not in request.output_filter:
             request.output_filter.append(output)
@@ -353,7 +366,7 @@ class DetectStage(Stage):
                 reconstruction = await state.autoencoder
                 scores = detector.score(state.x, lambda _model, _batch: reconstruction)
             except (grpc.aio.AioRpcError, Exception) as exc:  # noqa: B014 (name the gRPC case)
-                self._fail("detector_error", detector.name, exc)
+                self._fail("detector_error", detector.name, exc, answered=True)
             else:
                 self._verdict(state, detector, scores)
         return response
@@ -368,12 +381,14 @@ class DetectStage(Stage):
             original, *variants = np.split(probabilities, parts)
             scores = squeezer.score_outputs(original, variants)
         except Exception as exc:  # a malformed or unexpected response must not escape unscored silently
-            self._fail("detector_error", squeezer.name, exc)
+            self._fail("detector_error", squeezer.name, exc, answered=True)
             scores = None
         for key, tensor in response.outputs.items():
             values = tensor_to_numpy(tensor, key, RESPONSE_MAX_ELEMENTS)
             if values.ndim and len(values) == n * parts:
-                mine = numpy_to_tensor(values[:n], as_tensor_content=tensor_uses_content(tensor), dtype=tensor.dtype)
+                mine = numpy_to_tensor(
+                    values[:n], as_tensor_content=tensor_uses_content(tensor), dtype=tensor.dtype
+                )
                 tensor.CopyFrom(mine)
         if state.drop_output:
             del response.outputs[output]
@@ -386,4 +401,3 @@ class DetectStage(Stage):
             if protected.batcher is not None:
                 await protected.batcher.close()
         self._executor.shutdown(wait=False)
-

@@ -60,7 +60,9 @@ class HealthService:
         status = SERVING if self.serving else NOT_SERVING
         return health_pb2.HealthCheckResponse(status=status).SerializeToString()
 
-    async def _service(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext) -> None:
+    async def _service(
+        self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
+    ) -> None:
         if request.service not in KNOWN_SERVICES:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service '{request.service}'")
 

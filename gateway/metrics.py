@@ -27,7 +27,23 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # From 100 µs (the gateway's own overhead) to 30 s (a slow model).
 LATENCY_BUCKETS_S = (
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
 )
 OTHER_MODEL = "_other"
 
@@ -78,7 +94,9 @@ class GatewayMetrics:
             "tfshield_in_flight_requests", "Requests being handled right now.", registry=registry
         )
         self.upstream_up = Gauge(
-            "tfshield_upstream_up", "1 while the upstream model server is reachable, else 0.", registry=registry
+            "tfshield_upstream_up",
+            "1 while the upstream model server is reachable, else 0.",
+            registry=registry,
         )
         self.upstream_errors = Counter(
             "tfshield_upstream_errors",

@@ -31,12 +31,12 @@ from gateway.audit import AuditLog
 from gateway.config import GatewayConfig, load_config, with_overrides
 from gateway.control import create_control_server, install_sighup_reload
 from gateway.decode import peek_model_name
+from gateway.enforce import Enforcer
 from gateway.errors import ConfigError, InvalidInput
 from gateway.forward import UpstreamPool, forwardable
 from gateway.health import HealthService
 from gateway.identity import ClientIdentifier
 from gateway.metrics import GatewayMetrics
-from gateway.enforce import Enforcer
 from gateway.pipeline import Call, DecodeStage, Refusal, Stage
 from gateway.policy import PolicyHolder
 from gateway.readyfile import write_ready_file
@@ -65,7 +65,10 @@ def server_options(config: GatewayConfig) -> list[tuple[str, int]]:
     options = [
         ("grpc.max_send_message_length", limit),
         ("grpc.max_receive_message_length", limit),
-        ("grpc.http2.min_recv_ping_interval_without_data_ms", int(config.keepalive.min_client_ping_interval_s * 1000)),
+        (
+            "grpc.http2.min_recv_ping_interval_without_data_ms",
+            int(config.keepalive.min_client_ping_interval_s * 1000),
+        ),
         ("grpc.keepalive_permit_without_calls", 1),
     ]
     if config.keepalive.time_s > 0:
@@ -98,7 +101,9 @@ class Gateway:
         self.metrics = GatewayMetrics(self.registry, config.metrics.max_model_labels)
         self.identifier = ClientIdentifier(config.identity)
         self.policy = PolicyHolder.load(config.policy.file, self.registry)
-        self.audit = AuditLog(config.audit, self.registry, self.identifier.salt) if config.audit.file else None
+        self.audit = (
+            AuditLog(config.audit, self.registry, self.identifier.salt) if config.audit.file else None
+        )
         self.enforcer = Enforcer(
             self.policy,
             self.registry,
@@ -108,7 +113,10 @@ class Gateway:
         )
         # Requests run the stages in order, responses in reverse (pipeline.py):
         # decode → detect → decide → forward → detect → respond.
-        self.stages: list[Stage] = [DecodeStage(config.limits.max_tensor_elements), self.enforcer.respond_stage]
+        self.stages: list[Stage] = [
+            DecodeStage(config.limits.max_tensor_elements),
+            self.enforcer.respond_stage,
+        ]
         if config.detection.models:
             # Imported only when configured: a pass-through gateway loads no detector code.
             from gateway.detect import DetectStage
@@ -146,7 +154,9 @@ class Gateway:
         }
         for service, methods in handlers.items():
             rpc_handlers = {m: grpc.unary_unary_rpc_method_handler(h) for m, h in methods.items()}
-            self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, rpc_handlers),))
+            self.server.add_generic_rpc_handlers(
+                (grpc.method_handlers_generic_handler(service, rpc_handlers),)
+            )
         self.server.add_generic_rpc_handlers((self.health.handler(),))
         credentials = server_credentials(self.config)
         if credentials is None:
@@ -288,7 +298,10 @@ async def serve(config: GatewayConfig, ready_file: str | None = None) -> None:
     gateway, port = await create_server(config)
     log.info(
         "tfshield gateway listening on %s (port %d), upstream %s, metrics on port %d",
-        config.listen, port, config.upstream.target, gateway.metrics_port,
+        config.listen,
+        port,
+        config.upstream.target,
+        gateway.metrics_port,
     )
     if ready_file:
         ports = {"grpc_port": port, "metrics_port": gateway.metrics_port}
@@ -323,7 +336,9 @@ def build_config(args: argparse.Namespace) -> GatewayConfig:
     if args.metrics_listen is not None:
         metrics = with_overrides(metrics, listen=args.metrics_listen)
     if args.metrics_port is not None:
-        metrics = with_overrides(metrics, listen=_with_port(metrics.listen or "127.0.0.1:0", args.metrics_port))
+        metrics = with_overrides(
+            metrics, listen=_with_port(metrics.listen or "127.0.0.1:0", args.metrics_port)
+        )
     config = with_overrides(config, metrics=metrics)
     # Flags bypass the loader's checks: validate what they may have changed.
     config.upstream.validate("upstream")

@@ -71,7 +71,7 @@ class Store(ABC):
     async def zrem(self, key: str, member: str) -> None:
         """Remove ``member`` from the sorted set ``key``."""
 
-    async def ping(self) -> None:
+    async def ping(self) -> None:  # noqa: B027 (optional hook: the memory store always answers)
         """Raise StoreError unless the store answers."""
 
     async def close(self) -> None:
@@ -163,7 +163,9 @@ class RedisStore(Store):
         try:
             import redis.asyncio as redis_asyncio
         except ImportError:  # pragma: no cover - depends on the install
-            raise StoreError("the redis store needs the 'redis' package: pip install 'tfshield[redis]'") from None
+            raise StoreError(
+                "the redis store needs the 'redis' package: pip install 'tfshield[redis]'"
+            ) from None
         self._errors = (redis_asyncio.RedisError, OSError, TimeoutError)
         self.max_zset_members = max_zset_members
         self._redis = redis_asyncio.Redis.from_url(

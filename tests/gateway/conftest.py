@@ -35,8 +35,10 @@ def start_gateway(
 
 def raw_unary(address: str, path: str, request: bytes, **kwargs: Any) -> tuple[bytes, Any]:
     """Call ``path`` with raw bytes; returns (response bytes, call) for metadata checks."""
-    with grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 2**31 - 1),
-                                                 ("grpc.max_receive_message_length", 2**31 - 1)]) as channel:
+    with grpc.insecure_channel(
+        address,
+        options=[("grpc.max_send_message_length", 2**31 - 1), ("grpc.max_receive_message_length", 2**31 - 1)],
+    ) as channel:
         response, call = channel.unary_unary(path).with_call(request, **kwargs)
         return response, call
 

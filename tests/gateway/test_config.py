@@ -15,7 +15,9 @@ def test_empty_config_gives_the_documented_defaults() -> None:
 
 
 def test_nested_values_are_typed() -> None:
-    config = config_from_dict({"upstream": {"target": "10.0.0.1:8500", "channels": 4}, "identity": {"order": ["peer"]}})
+    config = config_from_dict(
+        {"upstream": {"target": "10.0.0.1:8500", "channels": 4}, "identity": {"order": ["peer"]}}
+    )
     assert config.upstream.channels == 4
     assert config.identity.order == ("peer",)
 
@@ -25,14 +27,17 @@ def test_nested_values_are_typed() -> None:
     [
         (
             {"upstrem": {}},
-            "upstrem: unknown key; known keys here: allow_reload_config, audit, control, detection, identity, "
-            "keepalive, limits, listen, metrics, policy, shutdown_grace_s, tls, upstream",
+            "upstrem: unknown key; known keys here: allow_reload_config, audit, control, detection, "
+            "identity, keepalive, limits, listen, metrics, policy, shutdown_grace_s, tls, upstream",
         ),
         ({"upstream": {"channels": 0}}, "upstream.channels: must be between 1 and 64"),
         ({"upstream": {"channels": "2"}}, "upstream.channels: must be int, not '2'"),
         ({"upstream": {"target": "nohost"}}, "upstream.target: must be host:port"),
         ({"limits": {"max_message_bytes": True}}, "limits.max_message_bytes: must be int, not True"),
-        ({"identity": {"order": ["mtls", "cookie"]}}, "identity.order.1: must be one of mtls, metadata, peer, not 'cookie'"),
+        (
+            {"identity": {"order": ["mtls", "cookie"]}},
+            "identity.order.1: must be one of mtls, metadata, peer, not 'cookie'",
+        ),
         ({"tls": {"cert_file": "c.pem"}}, "tls.key_file: required key is missing"),
         ({"shutdown_grace_s": "soon"}, "shutdown_grace_s: must be a number, not 'soon'"),
         ([1, 2], "config: must be a mapping, not list"),

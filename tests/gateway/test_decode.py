@@ -21,7 +21,10 @@ def test_predict_model_name_is_found_behind_large_inputs() -> None:
         ("Classify", requests_pb2.ClassificationRequest(model_spec=model_pb2.ModelSpec(name="c"))),
         ("Regress", requests_pb2.RegressionRequest(model_spec=model_pb2.ModelSpec(name="c"))),
         ("GetModelStatus", requests_pb2.GetModelStatusRequest(model_spec=model_pb2.ModelSpec(name="c"))),
-        ("GetModelMetadata", meta_graph_pb2.GetModelMetadataRequest(model_spec=model_pb2.ModelSpec(name="c"))),
+        (
+            "GetModelMetadata",
+            meta_graph_pb2.GetModelMetadataRequest(model_spec=model_pb2.ModelSpec(name="c")),
+        ),
         (
             "MultiInference",
             requests_pb2.MultiInferenceRequest(

@@ -216,7 +216,7 @@ def test_a_failing_detector_with_failure_mode_closed_refuses_unavailable_naming_
         assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
         assert (
             raised.value.details()
-            == "detector 'autoencoder' could not score this request; it was not forwarded"
+            == "detector 'autoencoder' could not score this request; its response was withheld"
         )
         assert failures(proc, "closed") == 1
         assert failures(proc, "open") == 0

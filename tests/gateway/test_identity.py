@@ -27,7 +27,10 @@ SALT = b"s" * 32
 
 def test_spiffe_uri_wins_over_common_name() -> None:
     ident = ClientIdentifier(IdentityConfig(), SALT)
-    auth = {"x509_common_name": [b"cn"], "x509_subject_alternative_name": [b"dns.example", b"spiffe://td/ns/a"]}
+    auth = {
+        "x509_common_name": [b"cn"],
+        "x509_subject_alternative_name": [b"dns.example", b"spiffe://td/ns/a"],
+    }
     assert ident.identify(FakeContext(auth=auth)) == "mtls:spiffe://td/ns/a"
 
 

@@ -97,7 +97,9 @@ def test_block_rule_refuses_naming_the_rule_and_is_audited(policy_gateway) -> No
     request.model_spec.name = "echo"
     request.inputs["x"].CopyFrom(tf.make_tensor_proto(np.ones((1, 2), np.float32)))
     with pytest.raises(grpc.RpcError) as caught:
-        raw_unary(proc.address(), PREDICT, request.SerializeToString(), metadata=(("x-api-key", "k2"),), timeout=30)
+        raw_unary(
+            proc.address(), PREDICT, request.SerializeToString(), metadata=(("x-api-key", "k2"),), timeout=30
+        )
     assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert caught.value.details() == "request refused by rule 'keyed-echo-blocked'"
     deadline = time.monotonic() + 5
@@ -112,9 +114,23 @@ def test_block_rule_refuses_naming_the_rule_and_is_audited(policy_gateway) -> No
 
 def admin(proc: Proc, workdir, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "admin", "--control", proc.address("control"),
-         "--token-file", str(workdir / "token"), "--json", *args],
-        cwd=REPO, capture_output=True, text=True, timeout=60, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+        [
+            sys.executable,
+            "-m",
+            "gateway.cli",
+            "admin",
+            "--control",
+            proc.address("control"),
+            "--token-file",
+            str(workdir / "token"),
+            "--json",
+            *args,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
     )
 
 
@@ -126,7 +142,10 @@ def test_control_api_serves_the_policy_in_force_and_sighup_reloads(policy_gatewa
     (workdir / "policy.yaml").write_text(POLICY.replace("keyed-deceived", "keyed-deceived-v2"))
     proc.signal(signal.SIGHUP)
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and "keyed-deceived-v2" not in json.loads(admin(proc, workdir, "get-policy").stdout)["yaml"]:
+    while (
+        time.monotonic() < deadline
+        and "keyed-deceived-v2" not in json.loads(admin(proc, workdir, "get-policy").stdout)["yaml"]
+    ):
         time.sleep(0.1)
     assert "keyed-deceived-v2" in json.loads(admin(proc, workdir, "get-policy").stdout)["yaml"]
     (workdir / "policy.yaml").write_text(POLICY)
@@ -136,9 +155,22 @@ def test_control_api_refuses_a_wrong_token(policy_gateway) -> None:
     proc, workdir = policy_gateway
     (workdir / "bad-token").write_text("wrong\n")
     result = subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "admin", "--control", proc.address("control"),
-         "--token-file", str(workdir / "bad-token"), "get-policy"],
-        cwd=REPO, capture_output=True, text=True, timeout=60, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+        [
+            sys.executable,
+            "-m",
+            "gateway.cli",
+            "admin",
+            "--control",
+            proc.address("control"),
+            "--token-file",
+            str(workdir / "bad-token"),
+            "get-policy",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
     )
     assert result.returncode != 0
     assert "UNAUTHENTICATED" in result.stderr + result.stdout

@@ -67,7 +67,9 @@ def example_input(n: int) -> input_pb2.Input:
 
 
 def metrics_samples(proc: Proc) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{proc.port('metrics')}/metrics", timeout=5).read().decode()
+    text = (
+        urllib.request.urlopen(f"http://127.0.0.1:{proc.port('metrics')}/metrics", timeout=5).read().decode()
+    )
     return {
         (sample.name, tuple(sorted(sample.labels.items()))): sample.value
         for family in text_string_to_metric_families(text)
@@ -82,7 +84,11 @@ def requests_total(proc: Proc, model: str, method: str, code: str) -> float:
 
 def health_status(address: str, service: str = "") -> int:
     with grpc.insecure_channel(address) as channel:
-        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+        return (
+            health_pb2_grpc.HealthStub(channel)
+            .Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            .status
+        )
 
 
 def wait_for_health(address: str, status: int, timeout_s: float = 10.0) -> int:
@@ -143,7 +149,9 @@ def test_stock_stub_predicts_through_the_gateway(gateway_channel: grpc.Channel) 
 
 def test_model_status_passes_through(gateway_channel: grpc.Channel) -> None:
     stub = model_service_pb2_grpc.ModelServiceStub(gateway_channel)
-    response = stub.GetModelStatus(get_model_status_pb2.GetModelStatusRequest(model_spec={"name": "mnist"}), timeout=30)
+    response = stub.GetModelStatus(
+        get_model_status_pb2.GetModelStatusRequest(model_spec={"name": "mnist"}), timeout=30
+    )
     assert response.model_version_status[0].state == response.model_version_status[0].AVAILABLE
 
 
@@ -255,7 +263,11 @@ def test_made_up_model_names_cannot_grow_the_label_set(model_server: Proc, tmp_p
             raw = predict_request(f"made-up-{i}", {"x": np.ones((1, 1), np.float32)}).SerializeToString()
             with pytest.raises(grpc.RpcError):
                 raw_unary(proc.address(), PREDICT, raw, timeout=30)
-        models = {dict(labels)["model"] for name, labels in metrics_samples(proc) if name == "tfshield_requests_total"}
+        models = {
+            dict(labels)["model"]
+            for name, labels in metrics_samples(proc)
+            if name == "tfshield_requests_total"
+        }
         assert models == {"made-up-0", "made-up-1", "_other"}
     finally:
         proc.stop()
@@ -265,8 +277,14 @@ def test_made_up_model_names_cannot_grow_the_label_set(model_server: Proc, tmp_p
 
 
 def test_health_is_serving_while_the_upstream_is_up(gateway: Proc) -> None:
-    assert wait_for_health(gateway.address(), health_pb2.HealthCheckResponse.SERVING) == health_pb2.HealthCheckResponse.SERVING
-    assert health_status(gateway.address(), "tensorflow.serving.PredictionService") == health_pb2.HealthCheckResponse.SERVING
+    assert (
+        wait_for_health(gateway.address(), health_pb2.HealthCheckResponse.SERVING)
+        == health_pb2.HealthCheckResponse.SERVING
+    )
+    assert (
+        health_status(gateway.address(), "tensorflow.serving.PredictionService")
+        == health_pb2.HealthCheckResponse.SERVING
+    )
 
 
 def test_unknown_health_service_is_not_found(gateway: Proc) -> None:
@@ -279,7 +297,10 @@ def test_upstream_down_gives_unavailable_and_not_serving(spare_model_server, tmp
     upstream = spare_model_server(tmp_path / "upstream")
     proc = start_gateway(tmp_path / "gw", upstream.address())
     try:
-        SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+        SERVING, NOT_SERVING = (
+            health_pb2.HealthCheckResponse.SERVING,
+            health_pb2.HealthCheckResponse.NOT_SERVING,
+        )
         assert wait_for_health(proc.address(), SERVING) == SERVING
         upstream.stop()
         assert wait_for_health(proc.address(), NOT_SERVING) == NOT_SERVING
@@ -303,7 +324,9 @@ def test_sigterm_drains_in_flight_calls(model_server: Proc, tmp_path) -> None:
 
     def slow_call() -> None:
         try:
-            response, _ = raw_unary(proc.address(), PREDICT, raw, metadata=(("x-sleep-ms", "1500"),), timeout=20)
+            response, _ = raw_unary(
+                proc.address(), PREDICT, raw, metadata=(("x-sleep-ms", "1500"),), timeout=20
+            )
             outcome["response"] = response
         except grpc.RpcError as exc:
             outcome["error"] = exc.code()
@@ -330,7 +353,11 @@ def test_mtls_accepts_a_client_certificate_and_refuses_none(model_server: Proc, 
     server = ca.server()
     client = ca.client("client-a", "client-a")
     config = {
-        "tls": {"cert_file": str(server.cert), "key_file": str(server.key), "client_ca_file": str(ca.files.cert)}
+        "tls": {
+            "cert_file": str(server.cert),
+            "key_file": str(server.key),
+            "client_ca_file": str(ca.files.cert),
+        }
     }
     proc = start_gateway(tmp_path, model_server.address(), config=config)
     root = ca.files.cert.read_bytes()
@@ -341,9 +368,10 @@ def test_mtls_accepts_a_client_certificate_and_refuses_none(model_server: Proc, 
             response = channel.unary_unary(PREDICT)(raw, timeout=30)
         assert list(predict_pb2.PredictResponse.FromString(response).outputs) == ["y"]
         without_cert = grpc.ssl_channel_credentials(root)
-        with grpc.secure_channel(f"localhost:{proc.port()}", without_cert) as channel, pytest.raises(
-            grpc.RpcError
-        ) as caught:
+        with (
+            grpc.secure_channel(f"localhost:{proc.port()}", without_cert) as channel,
+            pytest.raises(grpc.RpcError) as caught,
+        ):
             channel.unary_unary(PREDICT)(raw, timeout=10)
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
@@ -374,13 +402,18 @@ def test_the_gateway_process_never_imports_tensorflow(model_server: Proc) -> Non
             async with grpc.aio.insecure_channel(f"127.0.0.1:{{port}}") as channel:
                 await channel.unary_unary("{PREDICT}")(request.SerializeToString(), timeout=30)
             await gateway.stop(0)
-            print(sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "keras", "tensorflow_serving")))
+            tf_roots = ("tensorflow", "keras", "tensorflow_serving")
+            print(sorted(m for m in sys.modules if m.split(".")[0] in tf_roots))
 
         asyncio.run(main())
         """
     )
     result = subprocess.run(
-        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60,
+        [sys.executable, "-c", script],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
         env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
     )
     assert result.returncode == 0, result.stderr

@@ -4,22 +4,32 @@ from __future__ import annotations
 
 import pytest
 from google.protobuf.descriptor import Descriptor
-
-from protos import meta_graph_pb2, model_pb2, predict_pb2, requests_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
-
-official = pytest.importorskip("tensorflow_serving.apis.predict_pb2")
-from tensorflow.core.framework import tensor_pb2 as tf_tensor_pb2  # noqa: E402
-from tensorflow.core.framework import tensor_shape_pb2 as tf_tensor_shape_pb2  # noqa: E402
-from tensorflow.core.framework import types_pb2 as tf_types_pb2  # noqa: E402
-from tensorflow.core.protobuf import meta_graph_pb2 as tf_meta_graph_pb2  # noqa: E402
-from tensorflow_serving.apis import (  # noqa: E402
+from tensorflow.core.framework import tensor_pb2 as tf_tensor_pb2
+from tensorflow.core.framework import tensor_shape_pb2 as tf_tensor_shape_pb2
+from tensorflow.core.framework import types_pb2 as tf_types_pb2
+from tensorflow.core.protobuf import meta_graph_pb2 as tf_meta_graph_pb2
+from tensorflow_serving.apis import (
     classification_pb2,
     get_model_metadata_pb2,
     get_model_status_pb2,
     inference_pb2,
-    model_pb2 as tf_model_pb2,
-    predict_pb2 as tf_predict_pb2,
     regression_pb2,
+)
+from tensorflow_serving.apis import (
+    model_pb2 as tf_model_pb2,
+)
+from tensorflow_serving.apis import (
+    predict_pb2 as tf_predict_pb2,
+)
+
+from protos import (
+    meta_graph_pb2,
+    model_pb2,
+    predict_pb2,
+    requests_pb2,
+    tensor_pb2,
+    tensor_shape_pb2,
+    types_pb2,
 )
 
 PAIRS = [
@@ -55,7 +65,9 @@ def test_every_declared_field_matches_the_official_descriptor(ours, theirs) -> N
     assert ours_d.fields, "a message with no fields proves nothing"
     for field in ours_d.fields:
         official_field = theirs_d.fields_by_number.get(field.number)
-        assert official_field is not None, f"{ours_d.name}.{field.name} = {field.number} is not in {theirs_d.full_name}"
+        assert official_field is not None, (
+            f"{ours_d.name}.{field.name} = {field.number} is not in {theirs_d.full_name}"
+        )
         assert _field_signature(field) == _field_signature(official_field)
 
 

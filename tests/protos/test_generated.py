@@ -12,7 +12,11 @@ from tests.procs import REPO
 def test_generated_modules_are_up_to_date() -> None:
     # In a subprocess: grpc_tools' protoc crashes in a process that has loaded TensorFlow.
     result = subprocess.run(
-        [sys.executable, "-m", "protos.build", "--check"], cwd=REPO, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "protos.build", "--check"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "up to date" in result.stdout
