@@ -217,42 +217,102 @@ class Blacklight(Monitor):
             raise DetectorError(
                 f"blacklight: samples have shape {list(x.shape[1:])}, fitted on {list(shape)}"
             )
-        scaled = (np.asarray(x, dtype=np.float32).reshape(n, -1) - self.value_low_) / (
-            (self.value_high_ - self.value_low_) * self.step
-        )
-        levels = np.clip(np.rint(scaled), 0, 255).astype(np.uint64)
-        p = self.patch
+        scale = np.float32(1.0 / ((self.value_high_ - self.value_low_) * self.step))
+        scaled = (np.asarray(x, dtype=np.float32).reshape(n, -1) - np.float32(self.value_low_)) * scale
+        levels = np.clip(np.rint(scaled), 0, self._max_level).astype(np.uint64)
         if len(shape) >= 2:
-            images = levels.reshape(n, shape[0], shape[1], -1)
-            windows = np.lib.stride_tricks.sliding_window_view(images, (p, p), axis=(1, 2))
-            windows = windows.reshape(n, -1, p * p * images.shape[3])
+            codes, flat = self._window_codes_2d(levels.reshape(n, shape[0], shape[1], -1))
         else:
-            windows = np.lib.stride_tricks.sliding_window_view(levels, p * p, axis=1)
-        size = windows.shape[2]
-        flat = (windows == windows[:, :, :1]).all(axis=2)
-        hashes = _mix((windows * self._multipliers[:size]).sum(axis=2, dtype=np.uint64), self._hash_key)
+            codes, flat = self._window_codes_1d(levels)
+        hashes = _mix(codes, self._hash_key)
         out = []
         for i in range(n):
-            kept = np.unique(hashes[i][~flat[i]])
+            kept = np.sort(hashes[i][~flat[i]])
+            if kept.size:
+                kept = kept[np.concatenate(([True], kept[1:] != kept[:-1]))]
             out.append(kept[-self.top_s :])
         return out
+
+    @property
+    def _max_level(self) -> int:
+        return int(math.floor(1.0 / self.step + 0.5))
+
+    def _window_codes_2d(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A code per patch × patch × channels window, (n, windows) uint64, and whether it is flat.
+
+        When the window's levels fit in 64 bits (3 bits × 16 values for the
+        defaults) the code is the window itself, packed: no two windows
+        collide. Otherwise it is a sum of levels times random odd 64-bit
+        multipliers (a keyed linear hash; collisions are 2^-64-unlikely for
+        windows that are not adversarially chosen, and the multipliers are secret).
+        Both are computed separably: rows of ``patch`` first, then ``patch`` rows.
+        """
+        n, h, w, c = images.shape
+        p = self.patch
+        bits = max(1, self._max_level.bit_length())
+        packed = bits * p * p * c <= 64
+        shift_pixel = np.uint64(0)
+        if packed:
+            shift_pixel = np.uint64(bits * c)
+            pixel = images[..., 0].copy()
+            for ch in range(1, c):
+                pixel |= images[..., ch] << np.uint64(bits * ch)
+        else:
+            pixel = (images * self._multipliers[:c]).sum(axis=3, dtype=np.uint64)
+        rows = np.zeros((n, h, w - p + 1), dtype=np.uint64)
+        for dx in range(p):
+            part = pixel[:, :, dx : dx + w - p + 1]
+            rows += part << np.uint64(dx * int(shift_pixel)) if packed else part * self._multipliers[64 + dx]
+        codes = np.zeros((n, h - p + 1, w - p + 1), dtype=np.uint64)
+        for dy in range(p):
+            part = rows[:, dy : dy + h - p + 1, :]
+            codes += (
+                part << np.uint64(dy * p * int(shift_pixel)) if packed else part * self._multipliers[128 + dy]
+            )
+        # Flat: every value of the window equals its first one (for packed codes, a repunit of it).
+        if packed:
+            first = images[:, : h - p + 1, : w - p + 1, 0]
+            repunit = np.uint64(sum(1 << (k * bits) for k in range(p * p * c)))
+            flat = codes == first * repunit
+        else:
+            window_max = np.lib.stride_tricks.sliding_window_view(images, (p, p), axis=(1, 2)).max(
+                axis=(3, 4, 5)
+            )
+            window_min = np.lib.stride_tricks.sliding_window_view(images, (p, p), axis=(1, 2)).min(
+                axis=(3, 4, 5)
+            )
+            flat = window_max == window_min
+        return codes.reshape(n, -1), flat.reshape(n, -1)
+
+    def _window_codes_1d(self, levels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Like :meth:`_window_codes_2d` for flat inputs: windows of ``patch²`` consecutive values."""
+        size = self.patch * self.patch
+        windows = np.lib.stride_tricks.sliding_window_view(levels, size, axis=1)
+        codes = (windows * self._multipliers[:size]).sum(axis=2, dtype=np.uint64)
+        flat = windows.max(axis=2) == windows.min(axis=2)
+        return codes, flat
 
     def digests(self, x: np.ndarray) -> np.ndarray:
         return content_digests(x, self._digest_key)
 
     # -- the monitor ---------------------------------------------------------------------
 
-    def _hash_key_name(self, h: int) -> str:
-        return f"tfs:{self.name}:g:h:{h:016x}"
+    def _hash_key_names(self, hashes: np.ndarray) -> list[str]:
+        """``tfs:blacklight:g:h:<16 hex digits>`` per hash (one hex() call, then slices)."""
+        prefix = f"tfs:{self.name}:g:h:"
+        hexed = hashes.astype(">u8").tobytes().hex()
+        return [prefix + hexed[j : j + 16] for j in range(0, len(hexed), 16)]
 
-    def _digest_key_name(self, d: int) -> str:
-        return f"tfs:{self.name}:g:d:{d:016x}"
+    def _digest_key_names(self, digests: np.ndarray) -> list[str]:
+        prefix = f"tfs:{self.name}:g:d:"
+        hexed = digests.astype(">u8").tobytes().hex()
+        return [prefix + hexed[j : j + 16] for j in range(0, len(hexed), 16)]
 
     async def observe(self, store: Store, client: str, batch: QueryBatch, now: float) -> MonitorResult:
         prints = self.fingerprints(batch.x)
         digests = self.digests(batch.x)
-        hash_keys = [[self._hash_key_name(int(h)) for h in fp] for fp in prints]
-        digest_keys = [self._digest_key_name(int(d)) for d in digests]
+        hash_keys = [self._hash_key_names(fp) for fp in prints]
+        digest_keys = self._digest_key_names(digests)
         keys = list(dict.fromkeys([self.key(client), *digest_keys, *(k for ks in hash_keys for k in ks)]))
         fetched = dict(zip(keys, await store.get_many(keys), strict=True))
 
@@ -274,29 +334,25 @@ class Blacklight(Monitor):
             return writes[key] if key in writes else fetched.get(key)
 
         for i in range(len(prints)):
-            digest = int(digests[i])
-            digest_bytes = digest.to_bytes(8, "little")
+            digest_bytes = int(digests[i]).to_bytes(8, "little")
             exact = lookup(digest_keys[i])
-            owners: dict[bytes, int] = {}
-            owner_cluster: dict[bytes, bytes] = {}
-            for key in hash_keys[i]:
-                value = lookup(key)
-                if value is not None and len(value) == 16:
-                    owner = value[:8]
-                    owners[owner] = owners.get(owner, 0) + 1
-                    owner_cluster[owner] = value[8:]
-            cluster = digest_bytes
             if exact is not None and len(exact) == 8:
                 cluster = exact  # the same image again: never a hit
-            elif owners:
-                best = max(owners, key=owners.__getitem__)
-                if owners[best] >= self.match_threshold:
-                    cluster = owner_cluster[best]
-                    ids, counts = self._count_hit(ids, counts, int.from_bytes(cluster, "little"))
+            else:
+                cluster = digest_bytes  # a new query starts its own cluster...
+                shared: dict[bytes, int] = {}
+                for key in hash_keys[i]:
+                    owner = lookup(key)
+                    if owner is not None:
+                        shared[owner] = shared.get(owner, 0) + 1
+                if shared:
+                    best = max(shared, key=shared.__getitem__)
+                    if shared[best] >= self.match_threshold:  # ...unless it is a near-duplicate
+                        cluster = best
+                        ids, counts = self._count_hit(ids, counts, int.from_bytes(best, "little"))
             writes[digest_keys[i]] = cluster
-            entry = digest_bytes + cluster
             for key in hash_keys[i]:
-                writes[key] = entry
+                writes[key] = cluster
 
         score = float(counts.max()) if len(counts) else 0.0
         writes[self.key(client)] = self._encode({"ids": ids, "counts": counts, "t": np.float64(now)})

@@ -47,7 +47,7 @@ __all__ = ["StatefulKNN"]
 class StatefulKNN(Monitor):
     """Mean distance to the k nearest of a client's recent distinct queries.
 
-    Hyperparameters: ``k`` (int ≥ 1, default 10), ``history`` (int ≥ k,
+    Hyperparameters: ``k`` (int ≥ 1, default 20), ``history`` (int ≥ k,
     queries kept per client, default 64), ``n_dims`` (embedding columns used,
     default 24), ``state_ttl_s`` (seconds a silent client is remembered,
     default 86400).

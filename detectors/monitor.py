@@ -105,12 +105,13 @@ def content_digests(x: np.ndarray, key: bytes = b"") -> np.ndarray:
     below half a grey level) is still "the same query", and anything larger is
     a different one. ``key`` makes digests unpredictable (Blacklight's salt).
     """
-    flat = np.asarray(x).reshape(len(x), -1)
-    levels = np.rint(np.clip(flat, -128.0, 383.0) * 255.0).astype(np.int32)
+    flat = np.asarray(x, dtype=np.float32).reshape(len(x), -1)
+    levels = np.rint(np.clip(flat, -128.0, 128.0) * np.float32(255.0)).astype(np.int16)
     out = np.empty(len(flat), dtype=np.uint64)
-    for i, row in enumerate(levels):
-        digest = hashlib.blake2b(row.tobytes(), digest_size=8, key=key[:64])
-        out[i] = int.from_bytes(digest.digest(), "little")
+    key = key[:64]
+    for i in range(len(levels)):
+        digest = hashlib.blake2b(levels[i].data, digest_size=8, key=key).digest()
+        out[i] = int.from_bytes(digest, "little")
     return out
 
 

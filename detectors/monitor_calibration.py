@@ -13,8 +13,9 @@ leave alone, from held-out digits:
     the same at attacker-level volume (1,500–3,000 queries): with a pool of
     a few hundred digits every one is re-sent several times, exactly.
 ``resend``
-    a user who re-sends the same digit: each digit 1–``max_resends`` times
-    in a row, every copy but the first lightly re-encoded at random: a
+    a user who re-sends the same digit (100–600 queries): each digit
+    1–``max_resends`` (8) times in a row, every copy but the first lightly
+    re-encoded at random: a
     float → uint8 → float round trip (a no-op on 8-bit data), Gaussian noise
     of 0.5–2 grey levels, or a JPEG-like round trip (8 × 8 block DCT
     quantised at quality 90–98, :func:`jpeg_like`).
@@ -46,6 +47,7 @@ __all__ = [
     "benign_sequences",
     "calibrate_monitors",
     "jpeg_like",
+    "reencode_lightly",
 ]
 
 # Calibrated by default, in the order the gateway should run them.
@@ -104,7 +106,9 @@ def jpeg_like(image: np.ndarray, quality: int = 95) -> np.ndarray:
     return out[..., None] if squeeze else out
 
 
-def _reencode(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def reencode_lightly(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A benign re-encoding of ``image`` in [0, 1], one of three at random: a float → uint8 → float
+    round trip, Gaussian noise of 0.5–2 grey levels (clipped), or :func:`jpeg_like` at quality 90–98."""
     kind = rng.integers(3)
     if kind == 0:
         return np.rint(image * 255.0).astype(np.uint8).astype(np.float32) / np.float32(255.0)
@@ -121,28 +125,36 @@ def benign_sequences(
     n_heavy: int = 4,
     n_resend: int = 16,
     max_resends: int = 8,
+    random_length: tuple[int, int] = (50, 400),
+    heavy_length: tuple[int, int] = (1500, 3000),
+    resend_length: tuple[int, int] = (100, 600),
 ) -> list[np.ndarray]:
-    """Benign clients' query sequences drawn from ``pool`` (digits in [0, 1], (n, 28, 28, 1)).
+    """Benign clients' query sequences drawn from ``pool`` (inputs in [0, 1], (n, ...)), shuffled.
 
-    ``n_random`` ordinary users (50–400 queries), ``n_heavy`` heavy users
-    (1,500–3,000), ``n_resend`` users who re-send each digit 1–``max_resends``
-    times in a row, re-encoded (100–600 queries); see the module docstring.
+    ``n_random`` ordinary users (``random_length`` queries, inclusive range),
+    ``n_heavy`` heavy users (``heavy_length``), ``n_resend`` users who re-send
+    each input 1–``max_resends`` times in a row, re-encoded
+    (``resend_length``); see the module docstring.
     """
     pool = np.asarray(pool, dtype=np.float32)
+
+    def length(bounds: tuple[int, int]) -> int:
+        return int(rng.integers(bounds[0], bounds[1] + 1))
+
     out: list[np.ndarray] = []
     for _ in range(n_random):
-        out.append(pool[rng.integers(0, len(pool), int(rng.integers(50, 401)))])
+        out.append(pool[rng.integers(0, len(pool), length(random_length))])
     for _ in range(n_heavy):
-        out.append(pool[rng.integers(0, len(pool), int(rng.integers(1500, 3001)))])
+        out.append(pool[rng.integers(0, len(pool), length(heavy_length))])
     for _ in range(n_resend):
-        length = int(rng.integers(100, 601))
+        wanted = length(resend_length)
         queries: list[np.ndarray] = []
-        while len(queries) < length:
-            digit = pool[rng.integers(len(pool))]
-            queries.append(digit)
+        while len(queries) < wanted:
+            original = pool[rng.integers(len(pool))]
+            queries.append(original)
             for _ in range(int(rng.integers(0, max_resends))):
-                queries.append(_reencode(digit, rng))
-        out.append(np.stack(queries[:length]))
+                queries.append(reencode_lightly(original, rng))
+        out.append(np.stack(queries[:wanted]))
     order = rng.permutation(len(out))
     return [out[i] for i in order]
 

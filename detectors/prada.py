@@ -26,18 +26,18 @@ Bounded here (the paper keeps everything):
   also reacts to an attack that starts after a benign history.
 
 Exact and near-exact duplicates: a query closer than ``duplicate_distance_``
-(learned in calibration: ``duplicate_fraction`` × the median distance of a
-benign query to its nearest distinct neighbour) to one of the client's last
-``recent`` queries, or to its class's growing set, is not recorded at all.
-Re-sending or lightly re-encoding an input gives an attacker no new
-information, and a benign user who re-sends would otherwise feed the test
-the same distance several times (the copies' distance to the growing set is
-the original's), a spike that looks just like a synthetic extraction: on the
-bundled MNIST split, users re-sending each digit up to 8 times went down to
-W ≈ 0.79 while plain users stayed above 0.93. In the embedding a re-encoding
-moves a digit by 0.01–0.09 (Gaussian noise of 2 grey levels, JPEG at quality
-90), Papernot's λ = 0.1 steps by 0.2–0.9, distinct digits by ~2.4 (median),
-hence the default fraction 0.06 (≈ 0.14).
+(learned in calibration: ``duplicate_fraction`` × the median distance between
+two benign queries) to one of the client's last ``recent`` queries, or to its
+class's growing set, is not recorded at all. Re-sending or lightly
+re-encoding an input gives an attacker no new information, and a benign user
+who re-sends would otherwise feed the test the same distance several times
+(the copies' distance to the growing set is the original's), a spike that
+looks just like a synthetic extraction: on the bundled MNIST split, users
+re-sending each digit up to 8 times went down to W ≈ 0.79 while plain users
+stayed above 0.93. In the 16-dimensional embedding a re-encoding moves a digit
+by 0.01–0.09 (Gaussian noise of 2 grey levels, JPEG at quality 90), Papernot's
+λ = 0.1 steps by 0.2–0.9, and two digits are 7.75 apart (median), hence the
+default fraction 0.018 (≈ 0.14).
 
 The Shapiro–Wilk statistic is computed in numpy (Royston 1992's
 approximation of the coefficients, as in ``scipy.stats.shapiro``, tested
@@ -97,6 +97,27 @@ def shapiro_wilk_w(values: np.ndarray) -> float:
     return float(min(1.0, (a @ x) ** 2 / ss))
 
 
+def shapiro_wilk_z(w: float, n: int) -> float:
+    """Royston's (1992) normalising transformation of W for 12 ≤ n ≤ 5000: a standard normal
+    deviate under normality, higher = less normal (the test's p-value is 1 − Φ(z)).
+
+    ``ln(1 − W)`` is approximately normal with mean μ(n) and deviation σ(n),
+    polynomials in ln n (as in ``scipy.stats.shapiro`` and R's ``swilk.c``).
+    """
+    mu, sigma = _royston_log_moments(n)
+    return (math.log(max(1.0 - w, 1e-300)) - mu) / sigma
+
+
+def _royston_log_moments(n: int) -> tuple[float, float]:
+    """Mean and deviation of ln(1 − W) under normality, 12 ≤ n ≤ 5000 (Royston 1992)."""
+    if not 12 <= n <= 5000:
+        raise DetectorError(f"the Shapiro–Wilk normalisation needs 12 <= n <= 5000, got {n}")
+    log_n = math.log(n)
+    mu = 0.0038915 * log_n**3 - 0.083751 * log_n**2 - 0.31082 * log_n - 1.5861
+    sigma = math.exp(0.0030302 * log_n**2 - 0.082676 * log_n - 0.4803)
+    return mu, sigma
+
+
 @register
 class Prada(Monitor):
     """PRADA with bounded growing sets and a recent window of distances.
@@ -115,8 +136,9 @@ class Prada(Monitor):
         distances needed before testing.
     ``recent`` (int ≥ 1, default 16)
         last queries kept to recognise re-sends.
-    ``duplicate_fraction`` (float ≥ 0, default 0.06)
-        distances below this fraction of the median benign distance are duplicates.
+    ``duplicate_fraction`` (float ≥ 0, default 0.018)
+        distances below this fraction of the median distance between two
+        benign queries are duplicates.
     ``state_ttl_s`` (float > 0, default 86400)
         seconds a silent client is remembered.
 
@@ -136,7 +158,7 @@ class Prada(Monitor):
     )
     needs_prediction = True
     needs_embedding = True
-    flags_when = "below"
+    flags_when = "above"
 
     duplicate_distance_: float
 
@@ -148,14 +170,14 @@ class Prada(Monitor):
         window: int = 128,
         min_distances: int = 32,
         recent: int = 16,
-        duplicate_fraction: float = 0.06,
+        duplicate_fraction: float = 0.018,
         state_ttl_s: float = 86400.0,
     ) -> None:
         for label, value in (("n_classes", n_classes), ("n_dims", n_dims), ("max_per_class", max_per_class)):
             if int(value) != value or value < 1:
                 raise DetectorError(f"prada: {label} must be an integer >= 1, got {value}")
-        if int(window) != window or window < 6:
-            raise DetectorError(f"prada: window must be an integer >= 6, got {window}")
+        if int(window) != window or not 12 <= window <= 5000:
+            raise DetectorError(f"prada: window must be an integer in [12, 5000], got {window}")
         if int(min_distances) != min_distances or not 6 <= min_distances <= window:
             raise DetectorError(
                 f"prada: min_distances must be an integer in [6, window], got {min_distances}"
@@ -185,17 +207,19 @@ class Prada(Monitor):
         return {"duplicate_distance_": self.duplicate_distance_}
 
     def _learn_from_benign(self, batches: list[list[QueryBatch]]) -> None:
-        """``duplicate_distance_``: a fraction of the median distance between distinct benign queries."""
-        self.duplicate_distance_ = 0.0
+        """``duplicate_distance_``: a fraction of the median distance between two benign queries.
+
+        The median over all pairs, not over nearest neighbours: benign users who
+        re-send make near-duplicates common among nearest neighbours, never
+        among random pairs, so this scale does not depend on how much the
+        calibration population re-sends.
+        """
         vectors = np.concatenate([b.embedding[:, : self.n_dims] for seq in batches for b in seq])
-        sample = vectors[np.random.default_rng(0).permutation(len(vectors))[:2000]].astype(np.float64)
+        sample = vectors[np.random.default_rng(0).permutation(len(vectors))[:1000]].astype(np.float64)
         squared = (sample**2).sum(axis=1)
         distances = np.sqrt(np.maximum(squared[:, None] + squared[None, :] - 2 * sample @ sample.T, 0.0))
-        distances[distances < 1e-6] = np.inf  # the same query drawn twice, and the diagonal
-        nearest = distances.min(axis=1)
-        nearest = nearest[np.isfinite(nearest)]
-        if nearest.size:
-            self.duplicate_distance_ = self.duplicate_fraction * float(np.median(nearest))
+        pairs = distances[np.triu_indices(len(sample), 1)]
+        self.duplicate_distance_ = self.duplicate_fraction * float(np.median(pairs)) if pairs.size else 0.0
 
     def _fresh(self) -> dict[str, np.ndarray]:
         c, m, d = self.n_classes, self.max_per_class, self.n_dims
@@ -277,4 +301,9 @@ class Prada(Monitor):
         if recorded < self.min_distances:
             return self._result(float("nan"))
         recent = distances[: min(recorded, self.window)].astype(np.float64)
-        return self._result(shapiro_wilk_w(recent))
+        return self._result(shapiro_wilk_z(shapiro_wilk_w(recent), len(recent)))
+
+    def delta(self, n: int) -> float:
+        """The W below which ``n`` recorded distances are flagged: PRADA's δ for this window size."""
+        mu, sigma = _royston_log_moments(n)
+        return 1.0 - math.exp(mu + self.threshold_ * sigma)
