@@ -7,3 +7,6 @@ from detectors import autoencoder, mahalanobis, squeeze, validation  # noqa: F40
 from detectors.base import REGISTRY, Detection, Detector, detector_class
 
 __all__ = ["REGISTRY", "Detection", "Detector", "detector_class"]
+
+# Monitors: stateful, keyed by client (see ``detectors.monitor``).
+from detectors import blacklight, knn, prada, volume  # noqa: E402, F401  (registers them)
