@@ -213,6 +213,8 @@ class Blacklight(Monitor):
         """The fingerprint of every sample of ``x`` (n, features): up to ``top_s`` sorted uint64 hashes."""
         n = len(x)
         shape = tuple(int(s) for s in self.input_shape_)
+        if n == 0:
+            return []
         if x.shape[1:] != (math.prod(shape),) and x.shape[1:] != shape:
             raise DetectorError(
                 f"blacklight: samples have shape {list(x.shape[1:])}, fitted on {list(shape)}"

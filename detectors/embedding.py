@@ -111,7 +111,7 @@ class Embedding:
         if not self.fitted:
             raise NotCalibrated("embedding is not fitted; call fit(x_ref) first")
         n = len(x)
-        flat = np.asarray(x).reshape(n, -1)
+        flat = np.asarray(x).reshape(n, math.prod(np.shape(x)[1:]))
         if flat.shape[1] != self.features:
             raise DetectorError(
                 f"embedding: samples have {flat.shape[1]} features; it was fitted on {self.features}"

@@ -38,6 +38,7 @@ so volume alone never raises a client's risk.
 from __future__ import annotations
 
 import hashlib
+import math
 from abc import abstractmethod
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
@@ -105,7 +106,8 @@ def content_digests(x: np.ndarray, key: bytes = b"") -> np.ndarray:
     below half a grey level) is still "the same query", and anything larger is
     a different one. ``key`` makes digests unpredictable (Blacklight's salt).
     """
-    flat = np.asarray(x, dtype=np.float32).reshape(len(x), -1)
+    flat = np.asarray(x, dtype=np.float32)
+    flat = flat.reshape(len(flat), math.prod(flat.shape[1:]))
     levels = np.rint(np.clip(flat, -128.0, 128.0) * np.float32(255.0)).astype(np.int16)
     out = np.empty(len(flat), dtype=np.uint64)
     key = key[:64]
@@ -280,7 +282,7 @@ def prepare_batches(
 ) -> list[QueryBatch]:
     """Cut one client's queries (q, ...) into the QueryBatches the gateway would build."""
     sequence = np.asarray(sequence)
-    flat = sequence.reshape(len(sequence), -1).astype(np.float32, copy=False)
+    flat = sequence.reshape(len(sequence), math.prod(sequence.shape[1:])).astype(np.float32, copy=False)
     embedding = embed(sequence) if embed is not None else np.zeros((len(sequence), 0), np.float32)
     predicted = np.asarray(predicted_fn(sequence)).astype(np.int64) if predicted_fn is not None else None
     out = []

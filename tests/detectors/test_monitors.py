@@ -331,3 +331,15 @@ def test_a_monitor_suite_refuses_another_embedding(world, tmp_path):
     Embedding(method="random").fit(world.mnist.x_train[:100]).save(tmp_path / "embedding")
     with pytest.raises(Exception, match="not the embedding the monitors were calibrated with"):
         MonitorSuite.load(tmp_path)
+
+
+@pytest.mark.parametrize("name", MONITORS)
+def test_an_empty_request_is_observed_without_error(name, world):
+    m = monitor(world, name)
+    batch = QueryBatch(
+        np.zeros((0, 784), np.float32),
+        np.zeros((0, world.embedding.dims), np.float32),
+        np.zeros(0, np.int64),
+    )
+    result = run_sync(m.observe(MemoryStore(), "alice", batch, 0.0))
+    assert not result.flagged
