@@ -151,6 +151,53 @@ class DetectionConfig:
 
 
 @dataclass(frozen=True)
+class MonitoredModelConfig:
+    # model_spec.name of the monitored model.
+    model: str
+    # Folder written by `tfshield calibrate --monitors-out` (monitors.json, embedding/, one folder per monitor).
+    suite: str
+    # The request input the monitors read, and the response output whose argmax is the predicted class.
+    input: str = "images"
+    output: str = "probabilities"
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    backend: Literal["memory", "redis"] = "memory"
+    # redis://host:port/db, rediss:// for TLS, or unix:///path/to/redis.sock.
+    url: str = ""
+    # Per operation; a store slower than this counts as failed.
+    timeout_s: float = 0.05
+    # Memory backend: most keys kept (least recently used go first).
+    max_keys: int = 2_000_000
+
+    def validate(self, path: str) -> None:
+        prefix = f"{path}." if path else ""
+        _require(self.backend != "redis" or bool(self.url), f"{prefix}url", "is required for the redis backend")
+        _require(self.timeout_s > 0, f"{prefix}timeout_s", "must be > 0")
+        _require(self.max_keys >= 1000, f"{prefix}max_keys", "must be >= 1000")
+
+
+@dataclass(frozen=True)
+class MonitorsConfig:
+    models: tuple[MonitoredModelConfig, ...] = ()
+    store: StoreConfig = field(default_factory=StoreConfig)
+    # Client risk: seconds for a risk to halve, and how one query's monitor risks combine.
+    risk_half_life_s: float = 600.0
+    risk_combine: Literal["max", "noisy_or"] = "max"
+    # Blacklight's secret salt, from this environment variable (replicas must share it).
+    fingerprint_salt_env: str = "TFSHIELD_FINGERPRINT_SALT"
+    # When the store fails: "closed" refuses (UNAVAILABLE), "open" serves unmonitored.
+    failure_mode: Literal["open", "closed"] = "open"
+
+    def validate(self, path: str) -> None:
+        prefix = f"{path}." if path else ""
+        _require(self.risk_half_life_s > 0, f"{prefix}risk_half_life_s", "must be > 0")
+        models = [m.model for m in self.models]
+        _require(len(set(models)) == len(models), f"{prefix}models", "names a model twice")
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     # host:port of the Prometheus /metrics endpoint; port 0 = ephemeral. Empty disables it.
     listen: str = "127.0.0.1:9100"
@@ -170,6 +217,7 @@ class GatewayConfig:
     identity: IdentityConfig = field(default_factory=IdentityConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     detection: DetectionConfig = field(default_factory=DetectionConfig)
+    monitors: MonitorsConfig = field(default_factory=MonitorsConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     control: ControlConfig = field(default_factory=ControlConfig)

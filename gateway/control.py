@@ -153,7 +153,7 @@ class ControlService:
     def __init__(
         self,
         holder: PolicyHolder,
-        risk: ClientRiskLike,
+        risk: ClientRiskLike | None,
         store: Any,
         registry: CollectorRegistry,
         token: bytes | None,
@@ -214,6 +214,13 @@ class ControlService:
 
     # -- methods ---------------------------------------------------------------------------------
 
+    async def _require_monitors(self, context: grpc.aio.ServicerContext) -> None:
+        if self.risk is None:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "this gateway tracks no client risk: configure monitors.models to use the client methods",
+            )
+
     async def _client_state(self, client_id: str) -> control_pb2.ClientState:
         now = self._clock()
         state = control_pb2.ClientState(client_id=client_id)
@@ -228,6 +235,7 @@ class ControlService:
     async def get_client(
         self, request: control_pb2.GetClientRequest, context: grpc.aio.ServicerContext
     ) -> control_pb2.ClientState:
+        await self._require_monitors(context)
         if not request.client_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "client_id is empty")
         return await self._client_state(request.client_id)
@@ -235,6 +243,7 @@ class ControlService:
     async def list_clients(
         self, request: control_pb2.ListClientsRequest, context: grpc.aio.ServicerContext
     ) -> control_pb2.ListClientsResponse:
+        await self._require_monitors(context)
         limit = min(request.limit or DEFAULT_LIST_LIMIT, MAX_LIST_LIMIT)
         if not 0.0 <= request.min_risk <= 1.0:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "min_risk must be between 0 and 1")
@@ -251,6 +260,7 @@ class ControlService:
     async def reset_client(
         self, request: control_pb2.ResetClientRequest, context: grpc.aio.ServicerContext
     ) -> control_pb2.ResetClientResponse:
+        await self._require_monitors(context)
         if not request.client_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "client_id is empty")
         existed = await _maybe_await(self.risk.reset(self.store, request.client_id))
@@ -297,7 +307,7 @@ def _fill_state(state: control_pb2.ClientState, info: Any) -> None:
 async def create_control_server(
     config: ControlConfig,
     policy_holder: PolicyHolder,
-    risk: ClientRiskLike,
+    risk: ClientRiskLike | None,
     store: Any,
     registry: CollectorRegistry,
 ) -> tuple[grpc.aio.Server, int]:

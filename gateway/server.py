@@ -104,15 +104,24 @@ class Gateway:
         self.audit = (
             AuditLog(config.audit, self.registry, self.identifier.salt) if config.audit.file else None
         )
+        self.monitors = None
+        monitor_hooks: dict[str, Any] = {}
+        if config.monitors.models:
+            # Imported only when configured, like the detectors.
+            from gateway.monitor import MonitorStage, monitors_of, risk_of
+
+            self.monitors = MonitorStage(config.monitors, self.registry)
+            monitor_hooks = {"risk_of": risk_of, "monitors_of": monitors_of}
         self.enforcer = Enforcer(
             self.policy,
             self.registry,
             audit=self.audit,
             deceive_key=config.policy.deceive_key(),
             model_label=self.metrics.model_label,
+            **monitor_hooks,
         )
         # Requests run the stages in order, responses in reverse (pipeline.py):
-        # decode → detect → decide → forward → detect → respond.
+        # decode → detect → monitors → decide → forward → monitors → detect → respond.
         self.stages: list[Stage] = [
             DecodeStage(config.limits.max_tensor_elements),
             self.enforcer.respond_stage,
@@ -129,6 +138,8 @@ class Gateway:
                     in_flight=lambda: self.in_flight,
                 )
             )
+        if self.monitors is not None:
+            self.stages.append(self.monitors)
         self.stages.append(self.enforcer.decide_stage)
         self.control_server: grpc.aio.Server | None = None
         self.control_port = 0
@@ -170,9 +181,12 @@ class Gateway:
             self._metrics_httpd, _ = start_http_server(port, addr=host, registry=self.registry)
             self.metrics_port = self._metrics_httpd.server_port
         await self.server.start()
+        if self.monitors is not None:
+            await self.monitors.start()
         if self.config.control.listen:
+            risk, store = (self.monitors.view, self.monitors.store) if self.monitors is not None else (None, None)
             self.control_server, self.control_port = await create_control_server(
-                self.config.control, self.policy, None, None, self.registry
+                self.config.control, self.policy, risk, store, self.registry
             )
         self._probe_task = asyncio.create_task(self._probe_upstream())
         return self.port

@@ -71,6 +71,10 @@ class Store(ABC):
     async def zrem(self, key: str, member: str) -> None:
         """Remove ``member`` from the sorted set ``key``."""
 
+    async def zcard(self, key: str) -> int:
+        """How many members the sorted set ``key`` has (backends answer without listing them)."""
+        return len(await self.ztop(key, 2**31 - 1))
+
     async def ping(self) -> None:  # noqa: B027 (optional hook: the memory store always answers)
         """Raise StoreError unless the store answers."""
 
@@ -173,6 +177,9 @@ class MemoryStore(Store):
     async def zrem(self, key: str, member: str) -> None:
         self._zsets.get(key, {}).pop(member, None)
 
+    async def zcard(self, key: str) -> int:
+        return len(self._zsets.get(key, {}))
+
 
 class RedisStore(Store):
     """Redis backend (``redis.asyncio``); every operation is one pipelined round trip."""
@@ -251,6 +258,10 @@ class RedisStore(Store):
 
     async def zrem(self, key: str, member: str) -> None:
         await self._run(lambda p: p.zrem(key, member))
+
+    async def zcard(self, key: str) -> int:
+        (count,) = await self._run(lambda p: p.zcard(key))
+        return int(count)
 
     async def ping(self) -> None:
         await self._run(lambda p: p.ping())

@@ -28,7 +28,7 @@ def test_nested_values_are_typed() -> None:
         (
             {"upstrem": {}},
             "upstrem: unknown key; known keys here: allow_reload_config, audit, control, detection, "
-            "identity, keepalive, limits, listen, metrics, policy, shutdown_grace_s, tls, upstream",
+            "identity, keepalive, limits, listen, metrics, monitors, policy, shutdown_grace_s, tls, upstream",
         ),
         ({"upstream": {"channels": 0}}, "upstream.channels: must be between 1 and 64"),
         ({"upstream": {"channels": "2"}}, "upstream.channels: must be int, not '2'"),
