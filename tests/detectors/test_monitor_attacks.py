@@ -47,18 +47,19 @@ async def queries_to_detection(
     world: MonitorWorld, m: Monitor, requests: list[np.ndarray], store=None, client: str = "mallory"
 ) -> int | None:
     """Samples sent until the first flagged response (None: never flagged)."""
+    return await detection_in_batches(
+        m, [world.batches(r, batch_size=len(r))[0] for r in requests], store, client
+    )
+
+
+async def detection_in_batches(m: Monitor, batches: list, store=None, client: str = "mallory") -> int | None:
     store = store if store is not None else MemoryStore()
     sent = 0
-    for i, request in enumerate(requests):
-        (batch,) = world.batches(request, batch_size=len(request))
-        sent += len(request)
+    for i, batch in enumerate(batches):
+        sent += len(batch.x)
         if (await m.observe(store, client, batch, now=1000.0 + 0.05 * i)).flagged:
             return sent
     return None
-
-
-def one_per_request(queries: np.ndarray) -> list[np.ndarray]:
-    return [q[None] for q in queries]
 
 
 @pytest.fixture(scope="module")
@@ -70,9 +71,9 @@ def benign_verdicts(world) -> dict[str, dict[str, bool]]:
         clients = benign_test_clients(world.mnist.x_test, seed=7)
         verdicts: dict[str, dict[str, bool]] = {name: {} for name in SEQUENCE_MONITORS}
         for client, queries in clients.items():
+            batches = world.batches(queries)  # embedded and predicted once, one query per request
             for name in SEQUENCE_MONITORS:
-                m = world.suite.monitors[name]
-                detected = await queries_to_detection(world, m, one_per_request(queries), store, client)
+                detected = await detection_in_batches(world.suite.monitors[name], batches, store, client)
                 verdicts[name][client] = detected is not None
         return verdicts
 
@@ -100,7 +101,7 @@ async def test_a_hopskipjump_like_walk_is_flagged_within_50_queries(name, digit,
 async def test_a_simba_like_walk_is_flagged_within_50_queries(name, digit, world):
     rng = np.random.default_rng(digit)
     queries = simba_like(world.mnist.x_test[digit], rng, n=200)
-    detected = await queries_to_detection(world, world.suite.monitors[name], one_per_request(queries))
+    detected = await detection_in_batches(world.suite.monitors[name], world.batches(queries))
     assert detected is not None and detected <= 50, detected
 
 
@@ -109,16 +110,14 @@ async def test_papernot_like_augmentation_is_flagged_by_prada_within_300_queries
     rng = np.random.default_rng(seed)
     seeds = world.mnist.x_validation[rng.choice(len(world.mnist.x_validation), 10, replace=False)]
     queries = jbda_like(seeds, rng, n=640)
-    detected = await queries_to_detection(world, world.suite.monitors["prada"], one_per_request(queries))
+    detected = await detection_in_batches(world.suite.monitors["prada"], world.batches(queries))
     assert detected is not None and detected <= 300, detected
 
 
 @pytest.mark.parametrize("seed", [0, 1])
 async def test_noise_probing_is_flagged_by_class_coverage_within_100_queries(seed, world):
     queries = noise_queries(np.random.default_rng(seed), 300)
-    detected = await queries_to_detection(
-        world, world.suite.monitors["class_coverage"], one_per_request(queries)
-    )
+    detected = await detection_in_batches(world.suite.monitors["class_coverage"], world.batches(queries))
     assert detected is not None and detected <= 100, detected
 
 
