@@ -154,7 +154,8 @@ class DetectionConfig:
 class MonitoredModelConfig:
     # model_spec.name of the monitored model.
     model: str
-    # Folder written by `tfshield calibrate --monitors-out` (monitors.json, embedding/, one folder per monitor).
+    # Folder written by `tfshield calibrate --monitors-out`:
+    # monitors.json, embedding/, one folder per monitor.
     suite: str
     # The request input the monitors read, and the response output whose argmax is the predicted class.
     input: str = "images"
@@ -173,7 +174,8 @@ class StoreConfig:
 
     def validate(self, path: str) -> None:
         prefix = f"{path}." if path else ""
-        _require(self.backend != "redis" or bool(self.url), f"{prefix}url", "is required for the redis backend")
+        needs_url = self.backend == "redis"
+        _require(not needs_url or bool(self.url), f"{prefix}url", "is required for the redis backend")
         _require(self.timeout_s > 0, f"{prefix}timeout_s", "must be > 0")
         _require(self.max_keys >= 1000, f"{prefix}max_keys", "must be >= 1000")
 

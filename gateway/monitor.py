@@ -64,22 +64,29 @@ RESPONSE_MAX_ELEMENTS = 2**40
 class MonitorMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.flags = Counter(
-            "tfshield_monitor_flags", "Queries after which a monitor flagged the client.", ["monitor"],
+            "tfshield_monitor_flags",
+            "Queries after which a monitor flagged the client.",
+            ["monitor"],
             registry=registry,
         )
         self.rate_limited = Counter(
             "tfshield_rate_limited", "Requests refused by a client's rate limit.", registry=registry
         )
         self.client_risk = Histogram(
-            "tfshield_client_risk", "The querying client's risk after each query.", buckets=RISK_BUCKETS,
+            "tfshield_client_risk",
+            "The querying client's risk after each query.",
+            buckets=RISK_BUCKETS,
             registry=registry,
         )
         self.clients_tracked = Gauge(
             "tfshield_clients_tracked", "Clients whose risk is above the tracking floor.", registry=registry
         )
         self.store_duration = Histogram(
-            "tfshield_store_operation_duration_seconds", "Time of one state-store operation.",
-            ["backend", "op"], buckets=STORE_BUCKETS, registry=registry,
+            "tfshield_store_operation_duration_seconds",
+            "Time of one state-store operation.",
+            ["backend", "op"],
+            buckets=STORE_BUCKETS,
+            registry=registry,
         )
         self.store_errors = Counter(
             "tfshield_store_errors", "State-store operations that failed.", ["backend"], registry=registry
@@ -213,7 +220,8 @@ class MonitorStage(Stage):
                     else:
                         log.warning(
                             "%s is not set: %s uses a random salt, so replicas do not share its index",
-                            config.fingerprint_salt_env, monitor.name,
+                            config.fingerprint_salt_env,
+                            monitor.name,
                         )
             monitors = list(suite.monitors.values())
             self.models[model_config.model] = MonitoredModel(
@@ -223,7 +231,9 @@ class MonitorStage(Stage):
                 [m for m in monitors if m.needs_prediction],
                 any(getattr(m, "needs_embedding", True) for m in monitors),
             )
-        self.view = ClientRiskView(self.risk, (m for mm in self.models.values() for m in mm.suite.monitors.values()))
+        self.view = ClientRiskView(
+            self.risk, (m for mm in self.models.values() for m in mm.suite.monitors.values())
+        )
         self._refresh_task: asyncio.Task[None] | None = None
 
     # -- helpers -----------------------------------------------------------------
@@ -274,7 +284,9 @@ class MonitorStage(Stage):
             return
         x = call.inputs.get(monitored.config.input)
         if x is None:
-            raise InvalidInput(monitored.config.input, "is missing; this model's monitors read it", reason="missing")
+            raise InvalidInput(
+                monitored.config.input, "is missing; this model's monitors read it", reason="missing"
+            )
         flat = np.asarray(x, dtype=np.float32).reshape(len(x), -1)
         embedding = monitored.suite.embedding.transform(flat) if monitored.needs_embedding else flat[:, :0]
         state = MonitorCallState(monitored, QueryBatch(flat, embedding), time.time())

@@ -184,7 +184,9 @@ class Gateway:
         if self.monitors is not None:
             await self.monitors.start()
         if self.config.control.listen:
-            risk, store = (self.monitors.view, self.monitors.store) if self.monitors is not None else (None, None)
+            risk, store = (
+                (self.monitors.view, self.monitors.store) if self.monitors is not None else (None, None)
+            )
             self.control_server, self.control_port = await create_control_server(
                 self.config.control, self.policy, risk, store, self.registry
             )

@@ -540,6 +540,59 @@ def _train_and_export_autoencoder(
     return export_dir
 
 
+def calibrate_monitor_suite(
+    model: str,
+    reference: ReferenceSplit,
+    upstream: str,
+    out: str | os.PathLike[str],
+    *,
+    target_fpr: float,
+    input_name: str = "images",
+    output_name: str = "probabilities",
+    names: Sequence[str] | None = None,
+    seed: int = 0,
+    batch_size: int = 256,
+    sequence_options: Mapping[str, Any] | None = None,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Calibrate the per-client monitors and write the suite the gateway's ``monitors.models`` loads.
+
+    The embedding is fitted on the reference's fit part; benign client
+    sequences (ordinary users, heavy users, near-duplicate re-senders; see
+    :func:`detectors.monitor_calibration.benign_sequences`) are drawn from its
+    calibration part, and their top-1 classes come from the running upstream,
+    so thresholds are set on the served model's own answers. ``target_fpr`` is
+    the fraction of those benign clients each monitor may flag. Blacklight's
+    salt comes from TFSHIELD_FINGERPRINT_SALT if set (the gateway sets its own
+    at start either way: the salt is not part of the calibration).
+    """
+    from detectors.monitor_calibration import DEFAULT_MONITORS, benign_sequences, calibrate_monitors
+
+    rng = np.random.default_rng(seed)
+    sequences = benign_sequences(reference.calibration, rng, **dict(sequence_options or {}))
+    total = sum(len(q) for q in sequences)
+    log(f"monitors: {len(sequences)} benign clients, {total} queries, from the calibration split")
+    started = time.perf_counter()
+    with UpstreamPredictor(upstream, model, input_name, output_name, batch_size=batch_size) as predictor:
+
+        def predicted(batch: np.ndarray) -> np.ndarray:
+            return np.asarray(predictor("", batch)).reshape(len(batch), -1).argmax(axis=1)
+
+        suite = calibrate_monitors(
+            reference.fit,
+            sequences,
+            target_fpr,
+            predicted,
+            names=tuple(names or DEFAULT_MONITORS),
+            secret=os.environ.get("TFSHIELD_FINGERPRINT_SALT") or None,
+        )
+    folder = suite.save(out)
+    for name, monitor in suite.monitors.items():
+        log(f"monitors: {name:<16} threshold {monitor.threshold_:.6g}")
+    log(f"monitors: calibrated in {time.perf_counter() - started:.1f} s, written to {folder}")
+    return folder
+
+
 def format_report(result: CalibrationResult) -> str:
     """The table ``tfshield calibrate`` prints: threshold and held-out FPR per detector."""
     n = result.heldout_size
@@ -639,6 +692,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--cache-dir", type=Path, help="the demo cache for --from-demo (default $TFSHIELD_CACHE)"
     )
+    parser.add_argument(
+        "--monitors-out",
+        type=Path,
+        help="also calibrate the per-client monitors and write their suite here "
+        "(the gateway's monitors.models.suite)",
+    )
     args = parser.parse_args(argv)
     try:
         args.split = tuple(float(f) for f in args.split.split(","))
@@ -680,6 +739,19 @@ def main(argv: list[str]) -> int:
             batch_size=args.batch_size,
             log=log,
         )
+        if args.monitors_out:
+            calibrate_monitor_suite(
+                args.model,
+                reference,
+                args.upstream,
+                args.monitors_out,
+                target_fpr=args.target_fpr,
+                input_name=args.input,
+                output_name=args.output,
+                seed=args.seed,
+                batch_size=args.batch_size,
+                log=log,
+            )
     except TfshieldError as exc:
         print(f"tfshield calibrate: {exc}", file=sys.stderr)
         return 1

@@ -71,3 +71,9 @@ def spare_model_server(model_dir: Path) -> Iterator[Any]:
     yield make
     for proc in procs:
         proc.stop()
+
+
+# Shared fixtures defined elsewhere, made available to every gateway test. At the
+# end of the module: detect_fixtures imports start_gateway from here.
+from tests.gateway.detect_fixtures import reference  # noqa: E402, F401
+from tests.redis_fixtures import redis_server, redis_url  # noqa: E402, F401
