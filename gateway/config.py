@@ -16,6 +16,7 @@ Minimal YAML::
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import types
 import typing
 from dataclasses import dataclass, field
@@ -110,6 +111,20 @@ class IdentityConfig:
     metadata_key: str = "x-api-key"
     # Secret for hashing API keys; from an environment variable so it never sits in the file.
     hash_salt_env: str = "TFSHIELD_ID_SALT"
+    # Peers (CIDRs) whose forwarded-for metadata is believed: a load balancer or
+    # ingress in front of the gateway. From anyone else the header is ignored.
+    trusted_proxies: tuple[str, ...] = ()
+    forwarded_for_key: str = "x-forwarded-for"
+    # A caller none of the sources identifies: served as "anonymous", or refused (UNAUTHENTICATED).
+    anonymous: Literal["allow", "refuse"] = "allow"
+
+    def validate(self, path: str) -> None:
+        prefix = f"{path}." if path else ""
+        for i, cidr in enumerate(self.trusted_proxies):
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ConfigError(f"{prefix}trusted_proxies.{i}: not an IP network: {cidr!r}") from None
 
 
 @dataclass(frozen=True)

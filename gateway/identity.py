@@ -8,15 +8,21 @@ one:
 - ``metadata``: an API key in the configured metadata key, kept only as a
   keyed hash (HMAC-SHA256 with a secret salt) -> ``key:<16 hex digits>``, so the
   key itself is never stored or logged;
-- ``peer``: the peer's IP address without the port -> ``peer:<address>``.
+- ``peer``: the peer's IP address without the port -> ``peer:<address>``;
+  when the peer is a configured trusted proxy, the client's address from the
+  forwarded-for metadata instead (the right-most address that is not itself a
+  trusted proxy: entries further left were written by the client and prove
+  nothing).
 
-With none of them the id is ``anonymous``.
+With none of them the id is ``anonymous``; ``identity.anonymous: refuse``
+refuses such calls with UNAUTHENTICATED instead.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import logging
 import os
 import secrets
@@ -42,6 +48,9 @@ def _peer_address(peer: str) -> str:
 class ClientIdentifier:
     def __init__(self, config: IdentityConfig, salt: bytes | None = None) -> None:
         self._order = config.order
+        self._proxies = tuple(ipaddress.ip_network(c, strict=False) for c in config.trusted_proxies)
+        self._forwarded_key = config.forwarded_for_key.lower()
+        self.refuse_anonymous = config.anonymous == "refuse"
         self._metadata_key = config.metadata_key.lower()
         self._salt_env = config.hash_salt_env
         self._warn_random_salt = False
@@ -84,5 +93,29 @@ class ClientIdentifier:
             elif source == "peer":
                 peer = context.peer()
                 if peer:
-                    return "peer:" + _peer_address(peer)
+                    address = _peer_address(peer)
+                    if self._proxies and self._trusted(address):
+                        address = self._forwarded_client(context) or address
+                    return "peer:" + address
         return ANONYMOUS
+
+    def _trusted(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in network for network in self._proxies)
+
+    def _forwarded_client(self, context: grpc.aio.ServicerContext) -> str | None:
+        hops: list[str] = []
+        for key, value in context.invocation_metadata() or ():
+            if key == self._forwarded_key:
+                text = value if isinstance(value, str) else value.decode("latin-1")
+                hops += [h.strip() for h in text.split(",") if h.strip()]
+        for hop in reversed(hops):
+            if not self._trusted(hop):
+                try:
+                    return str(ipaddress.ip_address(hop))
+                except ValueError:
+                    return None  # garbage in the header: fall back to the proxy's own address
+        return None

@@ -35,7 +35,7 @@ from gateway.enforce import Enforcer
 from gateway.errors import ConfigError, InvalidInput
 from gateway.forward import UpstreamPool, forwardable
 from gateway.health import HealthService
-from gateway.identity import ClientIdentifier
+from gateway.identity import ANONYMOUS, ClientIdentifier
 from gateway.metrics import GatewayMetrics
 from gateway.pipeline import Call, DecodeStage, Refusal, Stage
 from gateway.policy import PolicyHolder
@@ -50,6 +50,11 @@ MODEL_METHODS = ("GetModelStatus", "HandleReloadConfigRequest")
 RELOAD_REFUSED = (
     "HandleReloadConfigRequest is refused by the gateway: it would replace the models the upstream "
     "serves. Set allow_reload_config: true in the gateway config to allow it."
+)
+
+ANONYMOUS_REFUSED = (
+    "this gateway serves identified clients only: present a client certificate or an API key "
+    "(identity.anonymous is refuse)"
 )
 
 Handler = Callable[[bytes, grpc.aio.ServicerContext], Coroutine[Any, Any, bytes]]
@@ -237,6 +242,7 @@ class Gateway:
         upstream_duration = metrics.upstream_duration.labels(method)
         stages = self.stages
         identify = self.identifier.identify
+        refuse_anonymous = self.identifier.refuse_anonymous
         refuse_reload = method == "HandleReloadConfigRequest" and not self.config.allow_reload_config
         OK, INVALID = grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT
 
@@ -251,6 +257,9 @@ class Gateway:
                     code = grpc.StatusCode.PERMISSION_DENIED
                     await context.abort(code, RELOAD_REFUSED)
                 call.client_id = identify(context)
+                if refuse_anonymous and call.client_id == ANONYMOUS:
+                    code = grpc.StatusCode.UNAUTHENTICATED
+                    await context.abort(code, ANONYMOUS_REFUSED)
                 call.timeout_s = context.time_remaining()
                 try:
                     for stage in stages:

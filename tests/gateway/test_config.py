@@ -61,3 +61,9 @@ def test_yaml_is_never_evaluated(tmp_path) -> None:
     path.write_text("listen: !!python/object/apply:os.system ['true']\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(path)
+
+
+def test_trusted_proxies_must_be_networks() -> None:
+    with pytest.raises(ConfigError) as caught:
+        config_from_dict({"identity": {"trusted_proxies": ["10.0.0.0/8", "proxy.local"]}})
+    assert str(caught.value) == "identity.trusted_proxies.1: not an IP network: 'proxy.local'"

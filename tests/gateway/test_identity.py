@@ -51,3 +51,22 @@ def test_peer_address_drops_the_port() -> None:
 def test_no_source_gives_anonymous() -> None:
     ident = ClientIdentifier(IdentityConfig(order=("mtls", "metadata")), SALT)
     assert ident.identify(FakeContext()) == ANONYMOUS
+
+
+def test_forwarded_for_is_believed_only_from_a_trusted_proxy() -> None:
+    ident = ClientIdentifier(IdentityConfig(order=("peer",), trusted_proxies=("10.1.0.0/16",)), SALT)
+    via_proxy = FakeContext(
+        peer="ipv4:10.1.2.3:5555", metadata=(("x-forwarded-for", "1.2.3.4, 203.0.113.9"),)
+    )
+    # The right-most untrusted hop: "1.2.3.4" was written by the client itself.
+    assert ident.identify(via_proxy) == "peer:203.0.113.9"
+    direct = FakeContext(peer="ipv4:198.51.100.7:5555", metadata=(("x-forwarded-for", "203.0.113.9"),))
+    assert ident.identify(direct) == "peer:198.51.100.7"
+
+
+def test_a_chain_of_trusted_proxies_is_skipped_and_garbage_is_ignored() -> None:
+    ident = ClientIdentifier(IdentityConfig(order=("peer",), trusted_proxies=("10.0.0.0/8",)), SALT)
+    chain = FakeContext(peer="ipv4:10.0.0.1:1", metadata=(("x-forwarded-for", "203.0.113.5, 10.9.9.9"),))
+    assert ident.identify(chain) == "peer:203.0.113.5"
+    garbage = FakeContext(peer="ipv4:10.0.0.1:1", metadata=(("x-forwarded-for", "not-an-ip"),))
+    assert ident.identify(garbage) == "peer:10.0.0.1"

@@ -418,3 +418,19 @@ def test_the_gateway_process_never_imports_tensorflow(model_server: Proc) -> Non
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_anonymous_callers_are_refused_when_configured(model_server: Proc, tmp_path) -> None:
+    proc = start_gateway(
+        tmp_path, model_server.address(), config={"identity": {"order": ["metadata"], "anonymous": "refuse"}}
+    )
+    raw = predict_request("echo", {"x": np.ones((1, 2), np.float32)}).SerializeToString()
+    try:
+        with pytest.raises(grpc.RpcError) as caught:
+            raw_unary(proc.address(), PREDICT, raw, timeout=30)
+        assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "present a client certificate or an API key" in caught.value.details()
+        response, _ = raw_unary(proc.address(), PREDICT, raw, metadata=(("x-api-key", "k"),), timeout=30)
+        assert predict_pb2.PredictResponse.FromString(response).outputs["y"]
+    finally:
+        proc.stop()
