@@ -50,10 +50,38 @@ The gateway's footprint
     any mapped file with ``tensorflow`` in its path (the shared libraries the
     runtime loads); by design (DESIGN.md, decision 1) there must be none.
 
+Detectors (``--detectors``, on by default when ``mnist`` is benchmarked)
+    The demo model's detectors are calibrated once and cached beside the demo
+    model (:mod:`gateway.bench_detectors` says how and where), and two more
+    gateways join the mnist cells, each with its own ``--config``:
+    ``gateway+valid+maha`` (validation and Mahalanobis: the configuration the
+    0.3 ms target is about) and ``gateway+all`` (validation, Mahalanobis,
+    feature squeezing, autoencoder; every action ``record``, so nothing is
+    refused). They run in the same alternating rounds as direct and the plain
+    gateway, so besides "added p50" (vs direct) their rows carry the
+    detectors' own added p50 (``added_p50_vs_gateway_ms``: their p50 minus the
+    plain gateway's p50 of the same cell) and ``throughput_ratio_vs_gateway``.
+    The mnist requests carry real held-out demo digits (benign, as in
+    production: a flag only costs a counter). A micro table gives each
+    detector's in-process cost in microseconds per sample at batch 1 and 64
+    (``timeit``, best of N, in a child process with the gateway's thread
+    settings). The echo cells have no detector rows (nothing protects echo).
+
+Monitors (``--monitors``, on by default when ``detectors.monitor_bench`` imports)
+    Its ``benchmark_monitors(...)`` result is printed in a "monitors" section
+    and stored under ``monitors`` in the JSON; Redis rows only when
+    ``redis-server`` is on PATH (started on a unix socket in the temporary
+    folder, stopped by its pid). See :mod:`gateway.bench_detectors`.
+
 Targets (printed as PASS/MISS next to the measured values)
     added p50 at concurrency 1 <= 0.6 ms (every model and batch); gateway
     throughput at concurrency 16 on the trivial upstream >= 0.5 x direct; idle
-    RSS <= 80 MB; start-up (spawn -> first successful response) <= 1 s.
+    RSS <= 80 MB; start-up (spawn -> first successful response) <= 1 s; with
+    detectors, the validation and Mahalanobis detectors together add <= 0.3 ms
+    p50 at concurrency 1 (``gateway+valid+maha`` p50 minus ``gateway`` p50,
+    every batch). That last one is a difference of two medians measured on a
+    shared machine: read it next to the micro table and the 'other CPU'
+    column, and rerun when they disagree.
 
 Bounds
     Loopback only. Every process this command starts (model server, gateways,
@@ -90,7 +118,13 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 PREDICT = "/tensorflow.serving.PredictionService/Predict"
-TARGET_NAMES = ("direct", "gateway", "nginx")
+TARGET_NAMES = ("direct", "gateway", "gateway+valid+maha", "gateway+all", "nginx")
+# Gateways with detection configured for DETECTOR_MODEL, by target name: the detectors each runs.
+DETECTOR_TARGETS = {
+    "gateway+valid+maha": ("validation", "mahalanobis"),
+    "gateway+all": ("validation", "mahalanobis", "feature_squeezing", "autoencoder"),
+}
+DETECTOR_MODEL = "mnist"
 BATCHES = (1, 32)
 CONCURRENCIES = (1, 16)
 ECHO_WIDTH = 16  # floats per echo row
@@ -106,6 +140,7 @@ ADDED_P50_LIMIT_MS = 0.6
 THROUGHPUT_RATIO_LIMIT = 0.5
 IDLE_RSS_LIMIT_MB = 80.0
 STARTUP_LIMIT_S = 1.0
+DETECTORS_ADDED_P50_LIMIT_MS = 0.3  # gateway+valid+maha p50 - gateway p50, concurrency 1
 BACKGROUND_WARN_PCT = 10.0  # CPU of other processes, % of one core, above which results carry a note
 
 
@@ -323,15 +358,33 @@ def prepare_models(models: list[str], base: Path, cache_dir: Path) -> None:
         shutil.copytree(source, base / "mnist", symlinks=False)
 
 
-def build_request(model: str, batch: int, seed: int = 0) -> bytes:
-    """An official PredictRequest for ``model`` with ``batch`` rows, serialised once."""
+def demo_digits(cache_dir: Path, count: int) -> Any:
+    """``count`` held-out demo test digits, float32 (count, 28, 28, 1): benign mnist requests."""
+    import numpy as np
+
+    from gateway.model.demo import DemoArtifacts
+
+    x_test, _ = DemoArtifacts.at(cache_dir).load_test_split()
+    heldout = x_test[len(x_test) // 2 :]  # the half calibration never saw (calibrate.demo_reference)
+    return np.ascontiguousarray(heldout[:count], dtype=np.float32)
+
+
+def build_request(model: str, batch: int, seed: int = 0, values: Any = None) -> bytes:
+    """An official PredictRequest for ``model`` with ``batch`` rows, serialised once.
+
+    ``values`` (float32, batch axis first) are sent as given; without them the rows are seeded noise.
+    """
     import numpy as np
     from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
     from tensorflow_serving.apis import predict_pb2
 
-    rng = np.random.default_rng(seed)
     shape = (batch, ECHO_WIDTH) if model == "echo" else (batch, 28, 28, 1)
-    values = rng.random(shape, dtype=np.float32)
+    if values is None:
+        values = np.random.default_rng(seed).random(shape, dtype=np.float32)
+    elif tuple(values.shape) != shape:
+        raise BenchError(
+            f"request values for {model} have shape {list(values.shape)}, expected {list(shape)}"
+        )
     tensor = tensor_pb2.TensorProto(
         dtype=types_pb2.DT_FLOAT,
         tensor_shape=tensor_shape_pb2.TensorShapeProto(
@@ -346,8 +399,22 @@ def build_request(model: str, batch: int, seed: int = 0) -> bytes:
     return request.SerializeToString()
 
 
-def check_responses(addresses: dict[str, str], requests: dict[str, bytes]) -> dict[str, Any]:
-    """One call per target and request: outputs present, and every proxy's answer equals direct's."""
+def cell_targets(model: str, targets: list[str]) -> list[str]:
+    """The targets measured for ``model``: the detector gateways protect DETECTOR_MODEL only."""
+    return [t for t in targets if t not in DETECTOR_TARGETS or model == DETECTOR_MODEL]
+
+
+def check_responses(
+    addresses: dict[str, str], requests: dict[str, bytes], differences: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """One call per target and request: outputs present, and every proxy's answer equals direct's.
+
+    A gateway running feature squeezing sends the client's rows in one batch
+    with their squeezed variants, and the model's float arithmetic may depend
+    on the batch size (oneDNN picks kernels by shape): its answer must equal
+    direct's up to float32 round-off (``np.allclose``, rtol and atol 1e-5);
+    the largest difference goes into ``differences[key][target]``.
+    """
     import grpc
     from tensorflow_serving.apis import predict_pb2
 
@@ -356,7 +423,8 @@ def check_responses(addresses: dict[str, str], requests: dict[str, bytes]) -> di
     for key, raw in requests.items():
         model = key.split("/")[0]
         answers = {}
-        for target, address in addresses.items():
+        for target in cell_targets(model, list(addresses)):
+            address = addresses[target]
             with grpc.insecure_channel(address, options=options) as channel:
                 call = channel.unary_unary(PREDICT)
                 answer = predict_pb2.PredictResponse.FromString(call(raw, timeout=CALL_TIMEOUT_S))
@@ -365,10 +433,39 @@ def check_responses(addresses: dict[str, str], requests: dict[str, bytes]) -> di
                 raise BenchError(f"{target} answered {key} without outputs {sorted(missing)}")
             answers[target] = answer
         checks[key] = {target: answers[target] == answers["direct"] for target in answers}
+        for target in answers:
+            if not checks[key][target] and "feature_squeezing" in DETECTOR_TARGETS.get(target, ()):
+                close, largest = _close_answers(answers[target], answers["direct"])
+                checks[key][target] = close
+                if differences is not None:
+                    differences.setdefault(key, {})[target] = largest
         bad = [target for target, same in checks[key].items() if not same]
         if bad:
             raise BenchError(f"{', '.join(bad)} answered {key} differently from the model server")
     return checks
+
+
+def _close_answers(answer: Any, expected: Any) -> tuple[bool, float]:
+    """Same outputs, dtypes and shapes, and values within float32 round-off; the largest difference."""
+    import numpy as np
+    import tensorflow as tf
+
+    if set(answer.outputs) != set(expected.outputs) or answer.model_spec != expected.model_spec:
+        return False, float("inf")
+    largest = 0.0
+    for name, tensor in expected.outputs.items():
+        mine = answer.outputs[name]
+        if mine.dtype != tensor.dtype or mine.tensor_shape != tensor.tensor_shape:
+            return False, float("inf")
+        a, b = tf.make_ndarray(mine), tf.make_ndarray(tensor)
+        if a.dtype.kind not in "fc":
+            if not np.array_equal(a, b):
+                return False, float("inf")
+            continue
+        largest = max(largest, float(np.abs(a - b).max(initial=0.0)))
+        if not np.allclose(a, b, rtol=1e-5, atol=1e-5):
+            return False, largest
+    return True, largest
 
 
 # ---------------------------------------------------------------------------
@@ -613,6 +710,8 @@ class Settings:
     cache_dir: Path
     quick: bool
     gateway_env: dict[str, str] = field(default_factory=dict)
+    detectors: bool = False
+    monitors: bool = False
     batches: tuple[int, ...] = BATCHES
     concurrencies: tuple[int, ...] = CONCURRENCIES
 
@@ -645,8 +744,10 @@ def measure_cells(
     cells = list(_cells(settings))
     slice_s = settings.duration_s / settings.rounds
     slice_requests = None if settings.requests is None else max(1, settings.requests // settings.rounds)
+    all_targets = targets
     for index, (model, batch, concurrency) in enumerate(cells, 1):
         request = f"{model}/b{batch}"
+        targets = cell_targets(model, all_targets)
         for target in targets:  # unrecorded warm-up, also re-primes each connection
             client.ask(
                 {"op": "run", "target": target, "request": request, "concurrency": concurrency,
@@ -655,7 +756,8 @@ def measure_cells(
             )
         pooled: dict[str, dict[str, Any]] = {
             t: {"latencies_us": [], "elapsed_s": 0.0, "errors": {}, "client_cpu_s": 0.0,
-                "proxy_cpu_s": 0.0, "server_cpu_s": 0.0, "background_cpu_s": 0.0, "round_rps": []}
+                "proxy_cpu_s": 0.0, "server_cpu_s": 0.0, "background_cpu_s": 0.0, "round_rps": [],
+                "round_p50_ms": []}
             for t in targets
         }
         for round_ in range(settings.rounds):
@@ -679,6 +781,7 @@ def measure_cells(
                 for code, count in answer["errors"].items():
                     acc["errors"][code] = acc["errors"].get(code, 0) + count
                 acc["round_rps"].append(len(answer["latencies_us"]) / answer["elapsed_s"])
+                acc["round_p50_ms"].append(percentiles_ms(answer["latencies_us"])["p50_ms"])
         cell_rows = []
         for target in targets:
             acc = pooled[target]
@@ -689,6 +792,7 @@ def measure_cells(
                 "rps": completed / acc["elapsed_s"] if acc["elapsed_s"] else 0.0,
                 **percentiles_ms(acc["latencies_us"]),
                 "round_rps": acc["round_rps"],
+                "round_p50_ms": acc["round_p50_ms"],
                 "client_cpu_pct": 100.0 * acc["client_cpu_s"] / acc["elapsed_s"] if acc["elapsed_s"] else 0.0,
                 "background_cpu_pct": (
                     100.0 * acc["background_cpu_s"] / acc["elapsed_s"] if acc["elapsed_s"] else 0.0
@@ -700,13 +804,19 @@ def measure_cells(
             }
             cell_rows.append(row)
         direct = next(r for r in cell_rows if r["target"] == "direct")
+        plain = next((r for r in cell_rows if r["target"] == "gateway"), None)
         for row in cell_rows:
             row["added_p50_ms"] = row["p50_ms"] - direct["p50_ms"]
             row["throughput_ratio"] = row["rps"] / direct["rps"] if direct["rps"] else 0.0
+            if row["target"] in DETECTOR_TARGETS and plain is not None:
+                # The detectors' own cost: the plain gateway of the same cell is the baseline.
+                row["detectors"] = list(DETECTOR_TARGETS[row["target"]])
+                row["added_p50_vs_gateway_ms"] = row["p50_ms"] - plain["p50_ms"]
+                row["throughput_ratio_vs_gateway"] = row["rps"] / plain["rps"] if plain["rps"] else 0.0
             errors = sum(row["errors"].values())
             _say(
                 f"[{index}/{len(cells)}] {model:<5} batch {batch:>2} conc {concurrency:>2} "
-                f"{row['target']:<7} "
+                f"{row['target']:<18} "
                 f"{row['requests']:>6} calls {row['rps']:>8.0f} req/s  p50 {row['p50_ms']:6.3f} ms  "
                 f"p99 {row['p99_ms']:6.3f} ms" + (f"  errors {errors}" if errors else "")
             )
@@ -730,6 +840,16 @@ def judge(results: dict[str, Any]) -> list[dict[str, Any]]:
                 "target": f"throughput vs direct, echo batch {row['batch']} conc 16",
                 "measured": row["throughput_ratio"], "limit": THROUGHPUT_RATIO_LIMIT, "op": ">=", "unit": "x",
             })
+    for row in rows:
+        if row["target"] != "gateway+valid+maha" or row["concurrency"] != 1:
+            continue
+        if "added_p50_vs_gateway_ms" in row:
+            checks.append({
+                "target": "detectors (validation+mahalanobis) added p50, "
+                f"{row['model']} batch {row['batch']} conc 1",
+                "measured": row["added_p50_vs_gateway_ms"], "limit": DETECTORS_ADDED_P50_LIMIT_MS,
+                "op": "<=", "unit": "ms",
+            })
     gateway = results["gateway"]
     checks.append({
         "target": "idle RSS", "measured": gateway["idle_rss_mb"], "limit": IDLE_RSS_LIMIT_MB,
@@ -748,12 +868,15 @@ def judge(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 def format_report(results: dict[str, Any]) -> str:
     lines = []
-    header = (
-        f"{'model':<6}{'batch':>6}{'conc':>5}  {'target':<8}{'calls':>8}{'req/s':>9}{'p50 ms':>9}"
-        f"{'p99 ms':>9}{'+p50 ms':>9}{'x direct':>9}{'proxy CPU':>11}{'server CPU':>11}{'client CPU':>11}"
-        f"{'other CPU':>10}"
+    width = max(8, *(len(row["target"]) + 1 for row in results["rows"]))
+    detector_rows = any("added_p50_vs_gateway_ms" in row for row in results["rows"])
+    gw_column = f"{'+p50 gw':>9}" if detector_rows else ""
+    lead = (
+        f"{'model':<6}{'batch':>6}{'conc':>5}  {'target':<{width}}{'calls':>8}{'req/s':>9}{'p50 ms':>9}"
+        f"{'p99 ms':>9}{'+p50 ms':>9}{gw_column}{'x direct':>9}"
     )
-    units = f"{'':<80}{'us/call':>11}{'us/call':>11}{'% core':>11}{'% core':>10}"
+    header = lead + f"{'proxy CPU':>11}{'server CPU':>11}{'client CPU':>11}{'other CPU':>10}"
+    units = f"{'':<{len(lead)}}{'us/call':>11}{'us/call':>11}{'% core':>11}{'% core':>10}"
     lines += [header, units, "-" * len(header)]
     previous = None
     for row in results["rows"]:
@@ -763,14 +886,20 @@ def format_report(results: dict[str, Any]) -> str:
         previous = cell
         direct = row["target"] == "direct"
         proxy_cpu = row["proxy_cpu_us_per_request"]
+        vs_gateway = row.get("added_p50_vs_gateway_ms")
         lines.append(
-            f"{row['model']:<6}{row['batch']:>6}{row['concurrency']:>5}  {row['target']:<8}"
+            f"{row['model']:<6}{row['batch']:>6}{row['concurrency']:>5}  {row['target']:<{width}}"
             f"{row['requests']:>8}{row['rps']:>9.0f}{row['p50_ms']:>9.3f}{row['p99_ms']:>9.3f}"
             f"{'-' if direct else format(row['added_p50_ms'], '+.3f'):>9}"
-            f"{'-' if direct else format(row['throughput_ratio'], '.2f'):>9}"
+            + (f"{'-' if vs_gateway is None else format(vs_gateway, '+.3f'):>9}" if detector_rows else "")
+            + f"{'-' if direct else format(row['throughput_ratio'], '.2f'):>9}"
             f"{'-' if proxy_cpu is None else format(proxy_cpu, '.0f'):>11}"
             f"{row['server_cpu_us_per_request']:>11.0f}{row['client_cpu_pct']:>11.0f}"
             f"{row['background_cpu_pct']:>10.0f}"
+        )
+    if detector_rows:
+        lines.append(
+            "(+p50 gw: p50 minus the plain gateway's p50 of the same cell, i.e. the detectors' own cost)"
         )
     gateway = results["gateway"]
     startup = gateway["startup"]
@@ -790,16 +919,248 @@ def format_report(results: dict[str, Any]) -> str:
     ]
     for name, info in results["others"].items():
         lines.append(f"  for comparison, {name}: RSS {info['rss_mb']:.1f} MB")
+    lines += format_detectors(results)
+    lines += format_monitors(results)
     lines += ["", "targets:"]
+    target_width = max([44, *(len(check["target"]) for check in results["targets"])])
     for check in results["targets"]:
         lines.append(
-            f"  {'PASS' if check['pass'] else 'MISS'}  {check['target']:<44} "
+            f"  {'PASS' if check['pass'] else 'MISS'}  {check['target']:<{target_width}} "
             f"{check['measured']:8.3f} {check['unit']:<2} "
             f"(target {check['op']} {check['limit']} {check['unit']})"
         )
     for note in results["notes"]:
         lines.append(f"note: {note}")
     return "\n".join(lines)
+
+
+def format_detectors(results: dict[str, Any]) -> list[str]:
+    """The detectors section: calibration, the micro table, the gateway rows' summary, the target line."""
+    from gateway import bench_detectors
+
+    section = results.get("detectors")
+    if not section or not section.get("enabled"):
+        return []
+    calibration = section["calibration"]
+    fprs = ", ".join(f"{name} {fpr:.1%}" for name, fpr in calibration["heldout_fpr"].items())
+    lines = [
+        "",
+        f"detectors ({DETECTOR_MODEL}; calibrated at target FPR {calibration['target_fpr']:.0%}, "
+        f"held-out FPR: {fprs}; "
+        + ("calibrated in this run" if section["calibrated_now"] else "cached")
+        + f": {section['artefacts']}):",
+        f"  per-detector cost in-process, timeit best of {section['micro_repeat']}, one BLAS thread "
+        "(as tfshield serve):",
+    ]
+    lines += bench_detectors.format_micro(section["micro"])
+    lines += ["", "  in the gateway (rows above; same alternating rounds, every detector 'record'):"]
+    lead = f"  {'batch':>5}{'conc':>5}  {'target':<20}{'+p50 vs direct':>15}{'+p50 vs gateway':>16}"
+    lead += f"{'x direct':>9}{'x gateway':>10}"
+    lines += [lead + f"{'proxy CPU':>13}", f"{'':<{len(lead)}}{'+us/call':>13}"]
+    for item in section["summary"]:
+        cpu = item["proxy_cpu_us_vs_gateway"]
+        lines.append(
+            f"  {item['batch']:>5}{item['concurrency']:>5}  {item['target']:<20}"
+            f"{item['added_p50_ms']:>+12.3f} ms{item['added_p50_vs_gateway_ms']:>+13.3f} ms"
+            f"{item['throughput_ratio']:>9.2f}{item['throughput_ratio_vs_gateway']:>10.2f}"
+            f"{'-' if cpu is None else format(cpu, '+.0f'):>13}"
+        )
+    for check in results["targets"]:
+        if check["target"].startswith("detectors (validation+mahalanobis)"):
+            batch = re.search(r"batch (\d+)", check["target"])
+            where = "at c1" if batch is None or batch.group(1) == "1" else f"at c1, batch {batch.group(1)}"
+            lines.append(
+                f"  detectors (validation+mahalanobis) added p50 {where} \u2264 {check['limit']} ms: "
+                f"{'PASS' if check['pass'] else 'MISS'} ({check['measured']:.3f} ms)"
+            )
+    for name, info in section["gateways"].items():
+        lines.append(
+            f"  {name}: detectors {', '.join(info['detectors'])}; RSS idle {info['idle_rss_mb']:.1f} MB, "
+            f"after the run {info['final_rss_mb']:.1f} MB; "
+            f"spawn -> ready {info['spawn_to_ready_s'] * 1000:.0f} ms"
+        )
+    return lines
+
+
+def format_monitors(results: dict[str, Any]) -> list[str]:
+    from gateway import bench_detectors
+
+    section = results.get("monitors")
+    if not section:
+        return []
+    if not section.get("enabled"):
+        return ["", f"monitors: skipped ({section.get('reason', 'disabled')})"]
+    module = bench_detectors.monitor_module()
+    origin = "calibrated in this run" if section["calibrated_now"] else "cached"
+    lines = ["", f"monitors ({bench_detectors.MONITOR_MODULE}; suite {origin}: {section['suite']}):"]
+    if module is None:
+        return lines + ["  " + json.dumps(section["result"], default=str)]
+    return lines + bench_detectors.format_monitors(module, section["result"])
+
+
+# ---------------------------------------------------------------------------
+# Detectors and monitors (see gateway/bench_detectors.py)
+# ---------------------------------------------------------------------------
+
+MICRO_REPEAT = 7  # timeit runs per micro-table entry (best is kept); --quick: 3
+MICRO_MIN_RUN_S = 0.05  # each run's duration, at least; --quick: 0.01
+
+
+def prepare_detectors(
+    settings: Settings, base: Path, workdir: Path
+) -> tuple[dict[str, Any], dict[str, Path]]:
+    """Calibrated artefacts (cached), the autoencoder beside the models in ``base``, the micro table.
+
+    Returns the JSON section and, by detector target, the artefact folder its gateway loads.
+    """
+    from gateway import bench_detectors
+
+    def start_server(model_base: Path, stack: contextlib.ExitStack) -> str:
+        argv = tfshield_argv("model-server", "--model-base-path", str(model_base), "--port", "0")
+        return start_with_ready_file("calibration-model-server", argv, workdir, 180.0, stack).address()
+
+    _say("detectors: looking for calibrated artefacts in the cache ...")
+    repeat, min_run_s = (3, 0.01) if settings.quick else (MICRO_REPEAT, MICRO_MIN_RUN_S)
+    try:
+        entry, calibrated_now = bench_detectors.calibrated_artefacts(settings.cache_dir, start_server, _say)
+        _say(("detectors: calibrated into " if calibrated_now else "detectors: cached in ") + str(entry.root))
+        for model in sorted(p for p in entry.models.iterdir() if p.is_dir()):
+            shutil.copytree(model, base / model.name, symlinks=False)
+        folders = {
+            target: bench_detectors.write_subset(entry, names, workdir / "artefacts" / target)
+            for target, names in DETECTOR_TARGETS.items()
+        }
+        batches = " and ".join(map(str, bench_detectors.MICRO_BATCHES))
+        _say(f"detectors: timing each one in-process at batch {batches} ...")
+        micro = bench_detectors.micro_table(entry.artefacts, settings.cache_dir, repeat, min_run_s, workdir)
+    except bench_detectors.DetectorBenchError as exc:
+        raise BenchError(str(exc)) from None
+    section = {
+        "enabled": True,
+        "model": DETECTOR_MODEL,
+        "artefacts": str(entry.root),
+        "calibrated_now": calibrated_now,
+        "calibration": entry.info(),
+        "micro_repeat": repeat,
+        "micro_min_run_s": min_run_s,
+        "micro": micro,
+        "gateways": {},
+        "summary": [],
+    }
+    return section, folders
+
+
+def start_detector_gateway(
+    target: str,
+    artefacts: Path,
+    upstream: str,
+    workdir: Path,
+    stack: contextlib.ExitStack,
+    settings: Settings,
+) -> Started:
+    """A gateway protecting DETECTOR_MODEL with the detectors in ``artefacts`` (all 'record')."""
+    import yaml
+
+    from gateway import bench_detectors
+
+    config = workdir / f"{target}.yaml"
+    config.write_text(yaml.safe_dump(bench_detectors.gateway_config(upstream, artefacts), sort_keys=False))
+    argv = tfshield_argv(
+        "serve", "--config", str(config), "--port", "0", "--metrics-port", "0", "--log-level", "WARNING"
+    )
+    return start_with_ready_file(target, argv, workdir, 30.0, stack, settings.gateway_env)
+
+
+def detector_counts(metrics_port: int) -> dict[str, Any]:
+    """Samples scored and flagged per detector, and micro-batches, from the gateway's /metrics.
+
+    Shows that the detectors ran on the measured calls (validation raises on
+    failure and is not counted there: it checks inline).
+    """
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    scored: dict[str, float] = {}
+    flagged: dict[str, float] = {}
+    batches = 0.0
+    batched_samples = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "tfshield_detector_score_count":
+                scored[sample.labels["detector"]] = scored.get(sample.labels["detector"], 0) + sample.value
+            elif sample.name == "tfshield_detector_flags_total":
+                flagged[sample.labels["detector"]] = flagged.get(sample.labels["detector"], 0) + sample.value
+            elif sample.name == "tfshield_batch_size_count":
+                batches += sample.value
+            elif sample.name == "tfshield_batch_size_sum":
+                batched_samples += sample.value
+    return {
+        "samples_scored": {k: int(v) for k, v in scored.items()},
+        "samples_flagged": {k: int(v) for k, v in flagged.items()},
+        "micro_batches": int(batches),
+        "mean_micro_batch_samples": batched_samples / batches if batches else 0.0,
+    }
+
+
+def detector_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The detector rows next to direct and the plain gateway of their cell."""
+    by_cell = {(r["model"], r["batch"], r["concurrency"], r["target"]): r for r in rows}
+    summary = []
+    for row in rows:
+        if "added_p50_vs_gateway_ms" not in row:
+            continue
+        plain = by_cell[(row["model"], row["batch"], row["concurrency"], "gateway")]
+        cpu, plain_cpu = row["proxy_cpu_us_per_request"], plain["proxy_cpu_us_per_request"]
+        summary.append({
+            "model": row["model"], "batch": row["batch"], "concurrency": row["concurrency"],
+            "target": row["target"], "detectors": row["detectors"],
+            "added_p50_ms": row["added_p50_ms"], "added_p50_vs_gateway_ms": row["added_p50_vs_gateway_ms"],
+            "throughput_ratio": row["throughput_ratio"],
+            "throughput_ratio_vs_gateway": row["throughput_ratio_vs_gateway"],
+            "proxy_cpu_us_vs_gateway": None if cpu is None or plain_cpu is None else cpu - plain_cpu,
+        })  # fmt: skip
+    return summary
+
+
+def monitors_off_reason(settings: Settings) -> str:
+    from gateway.bench_detectors import MONITOR_MODULE, monitor_module
+
+    if monitor_module() is None:
+        return f"{MONITOR_MODULE} does not import"
+    if DETECTOR_MODEL not in settings.models:
+        return f"{DETECTOR_MODEL} not benchmarked"
+    return "--no-monitors"
+
+
+def run_monitors(settings: Settings, workdir: Path, upstream: str, notes: list[str]) -> dict[str, Any]:
+    """The monitors section: ``detectors.monitor_bench.benchmark_monitors`` on a cached suite.
+
+    A failure here is reported (section and note), not raised: the rows measured before it stand.
+    """
+    from gateway import bench_detectors
+
+    module = bench_detectors.monitor_module()
+    if module is None:
+        return {"enabled": False, "reason": monitors_off_reason(settings)}
+    try:
+        from detectors.monitor_calibration import MonitorSuite
+
+        _say("monitors: looking for a calibrated monitor suite in the cache ...")
+        suite, calibrated_now = bench_detectors.calibrated_monitor_suite(settings.cache_dir, upstream, _say)
+        _say(("monitors: calibrated into " if calibrated_now else "monitors: cached in ") + str(suite))
+        x, predicted = bench_detectors.monitor_inputs(settings.cache_dir, upstream)
+        _say(f"monitors: benchmarking each on {len(x)} held-out digits ...")
+        result = bench_detectors.run_monitor_bench(
+            module, MonitorSuite.load(suite), x, predicted, workdir, settings.quick
+        )
+    except Exception as exc:  # the monitor module is another team's, and new: say what failed, keep the rows
+        message = f"{type(exc).__name__}: {exc}"
+        notes.append(f"the monitor benchmark failed ({message}); its section is empty")
+        return {"enabled": False, "reason": f"failed: {message}"}
+    return {"enabled": True, "suite": str(suite), "calibrated_now": calibrated_now, "result": result}
 
 
 def run(settings: Settings) -> dict[str, Any]:
@@ -820,15 +1181,28 @@ def run(settings: Settings) -> dict[str, Any]:
             "rounds": settings.rounds, "warmup_s": settings.warmup_s, "startup_runs": settings.startup_runs,
             "batches": list(settings.batches), "concurrencies": list(settings.concurrencies),
             "quick": settings.quick, "gateway_env": settings.gateway_env,
+            "detectors": settings.detectors, "monitors": settings.monitors,
         },
         "notes": notes,
     }
+    if not settings.detectors:
+        off = "--no-detectors" if DETECTOR_MODEL in settings.models else f"{DETECTOR_MODEL} not benchmarked"
+        results["detectors"] = {"enabled": False, "reason": off}
     try:
         with contextlib.ExitStack() as stack:
             _say(f"preparing models {', '.join(settings.models)} ...")
             base = workdir / "models"
             prepare_models(settings.models, base, settings.cache_dir)
-            requests = {f"{m}/b{b}": build_request(m, b) for m in settings.models for b in settings.batches}
+            requests = {
+                f"{m}/b{b}": build_request(
+                    m, b, values=demo_digits(settings.cache_dir, b) if m == "mnist" else None
+                )
+                for m in settings.models
+                for b in settings.batches
+            }
+            detector_folders: dict[str, Path] = {}
+            if settings.detectors:
+                results["detectors"], detector_folders = prepare_detectors(settings, base, workdir)
             for key, raw in requests.items():
                 (workdir / f"{key.replace('/', '_')}.pb").write_bytes(raw)
 
@@ -863,6 +1237,16 @@ def run(settings: Settings) -> dict[str, Any]:
             addresses["gateway"] = gateway.address()
             proxy_pids = {"gateway": [gateway.pid]}
 
+            detector_gateways: dict[str, Started] = {}
+            for target, folder in detector_folders.items():
+                _say(f"starting {target} ({', '.join(DETECTOR_TARGETS[target])}) ...")
+                started = start_detector_gateway(target, folder, server.address(), workdir, stack, settings)
+                probe = requests[f"{DETECTOR_MODEL}/b{settings.batches[0]}"]
+                first_success_s(started.address(), probe, time.perf_counter())
+                detector_gateways[target] = started
+                addresses[target] = started.address()
+                proxy_pids[target] = [started.pid]
+
             nginx_binary = shutil.which("nginx") or next(
                 (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None
             )
@@ -880,8 +1264,17 @@ def run(settings: Settings) -> dict[str, Any]:
                 results["host"]["nginx"] = nginx.info["version"]
             targets = [t for t in TARGET_NAMES if t in addresses]
 
-            results["response_checks"] = check_responses(addresses, requests)
-            _say(f"responses identical across {', '.join(targets)}")
+            differences: dict[str, Any] = {}
+            results["response_checks"] = check_responses(addresses, requests, differences)
+            if differences:
+                results["response_differences"] = differences
+                largest = max(d for per_key in differences.values() for d in per_key.values())
+                _say(
+                    f"responses identical across {', '.join(targets)} (feature squeezing's batched call: "
+                    f"equal up to float round-off, largest difference {largest:.2g})"
+                )
+            else:
+                _say(f"responses identical across {', '.join(targets)}")
 
             client = ClientProcess(workdir, stack)
             client.ask({"op": "connect", "targets": addresses}, 30.0)
@@ -889,15 +1282,19 @@ def run(settings: Settings) -> dict[str, Any]:
                 path = workdir / f"{key.replace('/', '_')}.pb"
                 client.ask({"op": "load", "name": key, "path": str(path)}, 10.0)
 
-            # Warm the gateway through every request kind, then let it go idle before reading its RSS.
-            for key in requests:
-                client.ask(
-                    {"op": "run", "target": "gateway", "request": key, "concurrency": 16,
-                     "duration_s": settings.warmup_s, "max_requests": None},
-                    _slice_timeout(settings, settings.warmup_s),
-                )
+            # Warm the gateways through every request kind, then let them go idle before reading their RSS.
+            for target in ["gateway", *detector_gateways]:
+                for key in requests:
+                    if target not in cell_targets(key.split("/")[0], [target]):
+                        continue
+                    client.ask(
+                        {"op": "run", "target": target, "request": key, "concurrency": 16,
+                         "duration_s": settings.warmup_s, "max_requests": None},
+                        _slice_timeout(settings, settings.warmup_s),
+                    )
             time.sleep(1.0)
             idle = rss_mb(gateway.pid)
+            detector_idle = {target: rss_mb(started.pid) for target, started in detector_gateways.items()}
             tf_maps = tensorflow_mappings(gateway.pid)
 
             _say(
@@ -932,10 +1329,28 @@ def run(settings: Settings) -> dict[str, Any]:
                 "tensorflow_loaded": bool(tf_maps),
             }
             results["others"] = {"model server": rss_mb(server.pid)}
+            if detector_gateways:
+                section = results["detectors"]
+                for target, started in detector_gateways.items():
+                    section["gateways"][target] = {
+                        "detectors": list(DETECTOR_TARGETS[target]),
+                        "artefacts": str(detector_folders[target]),
+                        "pid": started.pid,
+                        "spawn_to_ready_s": started.spawn_to_ready_s,
+                        "idle_rss_mb": detector_idle[target]["rss_mb"],
+                        "final_rss_mb": rss_mb(started.pid)["rss_mb"],
+                        "scored": detector_counts(int(started.info["metrics_port"])),
+                    }
+                section["summary"] = detector_summary(results["rows"])
             if nginx is not None:
                 for pid in proxy_pids["nginx"]:
                     results["others"][f"nginx worker {pid}"] = rss_mb(pid)
             results["targets"] = judge(results)
+            # Last, while the model server still answers (for the monitors' calibration and inputs).
+            if settings.monitors:
+                results["monitors"] = run_monitors(settings, workdir, server.address(), notes)
+            else:
+                results["monitors"] = {"enabled": False, "reason": monitors_off_reason(settings)}
     except BenchError:
         keep_workdir = True
         _say(f"(process logs kept in {workdir})")
@@ -966,6 +1381,16 @@ def parse_args(argv: list[str] | None) -> Settings:
     parser.add_argument("--startup-runs", type=int, help="gateway starts timed (default 3)")
     parser.add_argument("--quick", action="store_true", help="a short run (for tests): 0.4 s cells, 1 round")
     parser.add_argument("--no-nginx", action="store_true", help="skip the nginx row")
+    parser.add_argument(
+        "--detectors", action=argparse.BooleanOptionalAction, default=None,
+        help="add the detector rows on mnist: gateway+valid+maha, gateway+all and a per-detector micro "
+        "table, with detectors calibrated once into --cache-dir (default: on when mnist is benchmarked)",
+    )
+    parser.add_argument(
+        "--monitors", action=argparse.BooleanOptionalAction, default=None,
+        help="add the monitors section from detectors.monitor_bench (default: on when that module imports "
+        "and mnist is benchmarked)",
+    )
     parser.add_argument("--out", default="bench-results/bench.json", help="JSON results file")
     parser.add_argument(
         "--gateway-env", action="append", default=[], metavar="NAME=VALUE",
@@ -984,6 +1409,17 @@ def parse_args(argv: list[str] | None) -> Settings:
     if unknown or not models:
         parser.error(f"--models: unknown {', '.join(unknown) or '(none)'}; known: {', '.join(MODEL_INPUTS)}")
     quick = args.quick
+    detectors = args.detectors if args.detectors is not None else DETECTOR_MODEL in models
+    if detectors and DETECTOR_MODEL not in models:
+        parser.error(f"--detectors: the detector rows protect {DETECTOR_MODEL}; add it to --models")
+    if args.monitors is None:
+        from gateway.bench_detectors import monitor_module
+
+        monitors = DETECTOR_MODEL in models and monitor_module() is not None
+    else:
+        monitors = args.monitors
+    if monitors and DETECTOR_MODEL not in models:
+        parser.error(f"--monitors: the monitors watch clients of {DETECTOR_MODEL}; add it to --models")
     gateway_env = {}
     for item in args.gateway_env:
         name, sep, value = item.partition("=")
@@ -1002,6 +1438,8 @@ def parse_args(argv: list[str] | None) -> Settings:
         cache_dir=Path(args.cache_dir),
         quick=quick,
         gateway_env=gateway_env,
+        detectors=detectors,
+        monitors=monitors,
     )
     if settings.duration_s <= 0 or settings.rounds < 1 or settings.warmup_s < 0 or settings.startup_runs < 1:
         parser.error("--duration-s must be > 0, --rounds and --startup-runs >= 1, --warmup-s >= 0")
@@ -1012,6 +1450,7 @@ def parse_args(argv: list[str] | None) -> Settings:
 
 def main(argv: list[str] | None = None) -> int:
     settings = parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the driver imports TensorFlow (requests, calibrate)
     previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
     try:
         results = run(settings)
