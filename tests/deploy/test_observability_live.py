@@ -65,9 +65,7 @@ PENDING_METRICS: dict[str, str] = {
     "tfshield_store_operation_duration_seconds": "monitors (issue 3)",
     "tfshield_store_errors_total": "monitors (issue 3)",
     "tfshield_clients_tracked": "monitors (issue 3)",
-    "tfshield_decisions_total": "policy (issue 4)",
     "tfshield_perturbations_total": "policy (issue 4)",
-    "tfshield_policy_reloads_total": "policy (issue 4)",
     "tfshield_audit_write_errors_total": "policy (issue 4)",
 }
 # Alerts this set-up makes fire on purpose.
