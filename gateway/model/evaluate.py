@@ -867,6 +867,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["monitors"]:
+        from gateway.model.eval_monitors import main as monitors_main
+
+        return monitors_main(argv[1:])
     args = parse_args(argv)
     try:
         evaluate(args.out, args.cache_dir, args.quick, args.target_fpr, args.seed, log=_flushing_print)

@@ -14,8 +14,12 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
+from gateway.audit import AuditMetrics
 from gateway.detect import DetectMetrics
+from gateway.enforce import EnforceMetrics
 from gateway.metrics import GatewayMetrics
+from gateway.monitor import MonitorMetrics
+from gateway.policy import PolicyMetrics
 from tests.deploy.conftest import DEPLOY, KUBERNETES, Obj, find, tool_missing
 from tests.deploy.test_observability_live import PENDING_METRICS, dashboard_targets, family, series_names
 
@@ -85,8 +89,15 @@ def test_alert_says_how_bad_and_what_it_means(alert: dict[str, Any]) -> None:
 def test_rules_and_dashboard_read_only_metrics_that_exist_or_are_pending() -> None:
     """Catches a misspelt metric name long before a panel stays empty in production."""
     registry = CollectorRegistry()
-    GatewayMetrics(registry)
-    DetectMetrics(registry)
+    for metrics in (
+        GatewayMetrics,
+        DetectMetrics,
+        MonitorMetrics,
+        EnforceMetrics,
+        PolicyMetrics,
+        AuditMetrics,
+    ):
+        metrics(registry)
     suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"], "gauge": [""]}
     exported = {m.name + suffix for m in registry.collect() for suffix in suffixes[m.type]}
     assert "tfshield_request_duration_seconds_bucket" in exported and "tfshield_upstream_up" in exported
@@ -133,7 +144,8 @@ def test_scrape_config_keeps_the_metrics_service_port(rendered: dict[str, list[O
     (job,) = yaml.safe_load(SCRAPE_CONFIG.read_text())["scrape_configs"]
     (keep,) = [rule for rule in job["relabel_configs"] if rule.get("action") == "keep"]
     assert keep["source_labels"] == [
-        "__meta_kubernetes_service_name", "__meta_kubernetes_endpointslice_port_name"
+        "__meta_kubernetes_service_name",
+        "__meta_kubernetes_endpointslice_port_name",
     ]
     service = find(rendered["base"], "Service", "tfshield-metrics")
     (port,) = service["spec"]["ports"]
