@@ -302,7 +302,11 @@ class Prometheus:
 POLICY = """
 version: 1
 rules:
-  - {name: flagged-inputs-perturbed, match: {models: [mnist]}, when: {flagged: [mahalanobis]}, action: perturb, level: 2}
+  - name: flagged-inputs-perturbed
+    match: {models: [mnist]}
+    when: {flagged: [mahalanobis]}
+    action: perturb
+    level: 2
 """
 
 
