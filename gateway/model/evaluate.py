@@ -871,6 +871,10 @@ def main(argv: list[str]) -> int:
         from gateway.model.eval_monitors import main as monitors_main
 
         return monitors_main(argv[1:])
+    if argv[:1] == ["monitors"]:
+        from gateway.model.eval_monitors import main as monitors_main
+
+        return monitors_main(argv[1:])
     args = parse_args(argv)
     try:
         evaluate(args.out, args.cache_dir, args.quick, args.target_fpr, args.seed, log=_flushing_print)
