@@ -149,12 +149,16 @@ class DetectionConfig:
     max_batch_delay_s: float = 0.001
     # Samples waiting to be scored, at most; beyond it the failure mode applies.
     max_queue_samples: int = 4096
+    # Batches this small are scored on the event loop: the hand-off to the
+    # scoring thread costs more than scoring them (0 = always use the thread).
+    inline_max_samples: int = 2
     # When scoring cannot happen (queue full, a detector raised): "closed"
     # refuses the request, "open" forwards it unscored. Both are counted.
     failure_mode: Literal["open", "closed"] = "closed"
 
     def validate(self, path: str) -> None:
         _require(self.max_batch_size >= 1, f"{path}.max_batch_size", "must be >= 1")
+        _require(self.inline_max_samples >= 0, f"{path}.inline_max_samples", "must be >= 0")
         _require(0 <= self.max_batch_delay_s <= 1, f"{path}.max_batch_delay_s", "must be between 0 and 1")
         _require(
             self.max_queue_samples >= self.max_batch_size,

@@ -183,6 +183,7 @@ class DetectStage(Stage):
                     others_pending=in_flight,
                     executor=self._executor,
                     on_batch=self.metrics.observe_batch,
+                    inline_max_samples=config.inline_max_samples,
                 )
             self.models[model_config.model] = protected
 
