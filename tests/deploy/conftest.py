@@ -14,7 +14,9 @@ from tests.procs import REPO
 DEPLOY = REPO / "deploy"
 KUBERNETES = DEPLOY / "kubernetes"
 # Stand-ins for the production overlay's secret material (git-ignored files).
-PRODUCTION_SECRET_FILES = ("id-salt", "tls.crt", "tls.key", "ca.crt", "redis-password")
+PRODUCTION_SECRET_FILES = (
+    "id-salt", "fingerprint-salt", "deceive-key", "control-token", "tls.crt", "tls.key", "ca.crt", "redis-password",
+)
 VARIANTS = ("base", "dev", "production")
 
 Obj = dict[str, Any]

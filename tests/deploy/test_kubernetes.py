@@ -26,6 +26,7 @@ import pytest
 import yaml
 
 from gateway.config import GatewayConfig, load_config
+from gateway.policy import Policy
 from protos import health_pb2, predict_pb2
 from tests.deploy.conftest import (
     KUBERNETES,
@@ -55,7 +56,9 @@ CRD_SCHEMAS = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"): "servicemonitor-monitoring-v1.json",
     ("monitoring.coreos.com/v1", "PrometheusRule"): "prometheusrule-monitoring-v1.json",
 }
-GATEWAY_PORTS = {"grpc": 8500, "metrics": 9100}
+GATEWAY_PORTS = {"grpc": 8500, "metrics": 9100, "control": 8600}
+# The label an operator's pod and namespace need to reach the control port.
+CONTROL_LABEL = {"tfshield.io/control": "allowed"}
 SOCKET_DIR = "/run/tfserving"
 Rendered = dict[str, list[Obj]]
 
@@ -222,8 +225,90 @@ def test_gateway_config_loads_and_points_at_the_socket(
     gateway = container(gateway_deployment(rendered[variant]), "tfshield")
     assert gateway["args"] == ["serve", "--config", "/etc/tfshield/config/gateway.yaml"]
     env = {e["name"]: e for e in gateway["env"]}
-    salt_ref = env[config.identity.hash_salt_env]["valueFrom"]["secretKeyRef"]
-    assert salt_ref == {"name": "tfshield", "key": "id-salt"}
+    # Salts and keys come from the Secret, never as literal values.
+    secrets = {
+        config.identity.hash_salt_env: "id-salt",
+        config.monitors.fingerprint_salt_env: "fingerprint-salt",
+        config.policy.deceive_key_env: "deceive-key",
+    }
+    assert set(secrets) == {"TFSHIELD_ID_SALT", "TFSHIELD_FINGERPRINT_SALT", "TFSHIELD_DECEIVE_KEY"}
+    for name, key in secrets.items():
+        assert "value" not in env[name], name
+        assert env[name]["valueFrom"]["secretKeyRef"] == {"name": "tfshield", "key": key}
+
+
+def _mount_of(gateway: Obj, path: str) -> Obj:
+    """The volume mount that holds ``path`` (the deepest one)."""
+    mounts = [m for m in gateway["volumeMounts"] if Path(path).is_relative_to(m["mountPath"])]
+    assert mounts, f"nothing mounted holds {path}"
+    return max(mounts, key=lambda m: len(m["mountPath"]))
+
+
+def _volume(deployment: Obj, name: str) -> Obj:
+    (volume,) = [v for v in pod_spec(deployment)["volumes"] if v["name"] == name]
+    return volume
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_monitors_policy_audit_and_control_files_are_mounted_as_they_should_be(
+    variant: str, rendered: Rendered, tmp_path: Path
+) -> None:
+    config = gateway_config(rendered[variant], tmp_path)
+    deployment = gateway_deployment(rendered[variant])
+    gateway = container(deployment, "tfshield")
+    # Monitor suites: read-only, a sub-folder of the models claim (not the SavedModels).
+    assert [m.model for m in config.monitors.models] == ["mnist"]
+    suite_mount = _mount_of(gateway, config.monitors.models[0].suite)
+    assert suite_mount["readOnly"] is True
+    assert suite_mount["subPath"] == "tfshield"
+    assert "persistentVolumeClaim" in _volume(deployment, suite_mount["name"])
+    # The policy: the ConfigMap tfshield-policy, a directory mount (edits reach the file), a valid policy.
+    assert config.policy.file is not None
+    policy_mount = _mount_of(gateway, config.policy.file)
+    assert policy_mount["readOnly"] is True and "subPath" not in policy_mount
+    policy_map = _volume(deployment, policy_mount["name"])["configMap"]["name"]
+    policy_text = find(rendered[variant], "ConfigMap", policy_map)["data"][Path(config.policy.file).name]
+    Policy.from_yaml(policy_text, source=policy_map)
+    # The audit log: on a writable emptyDir (the root filesystem is read-only).
+    assert config.audit.file is not None
+    audit_mount = _mount_of(gateway, config.audit.file)
+    assert not audit_mount.get("readOnly", False)
+    audit_volume = _volume(deployment, audit_mount["name"])["emptyDir"]
+    max_bytes = config.audit.max_file_bytes * (config.audit.keep_files + 1)
+    assert max_bytes <= _quantity_bytes(audit_volume["sizeLimit"])
+    # The control API: on the declared control port, its token from a Secret.
+    assert config.control.listen == f"0.0.0.0:{GATEWAY_PORTS['control']}"
+    assert config.control.token_file is not None
+    token_mount = _mount_of(gateway, config.control.token_file)
+    assert token_mount["readOnly"] is True
+    token_secret = _volume(deployment, token_mount["name"])["secret"]
+    assert token_secret["secretName"] == "tfshield-control"
+    assert token_secret["items"] == [{"key": "token", "path": Path(config.control.token_file).name}]
+    assert token_secret["defaultMode"] == 0o440
+
+
+def _quantity_bytes(quantity: str) -> int:
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30}
+    for suffix, factor in units.items():
+        if quantity.endswith(suffix):
+            return int(quantity.removesuffix(suffix)) * factor
+    return int(quantity)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_monitor_state_is_in_memory_for_one_replica_and_in_redis_for_many(
+    variant: str, rendered: Rendered, tmp_path: Path
+) -> None:
+    config = gateway_config(rendered[variant], tmp_path)
+    if variant == "production":
+        assert config.monitors.store.backend == "redis"
+        redis = find(rendered[variant], "Service", "tfshield-redis")
+        port = redis["spec"]["ports"][0]["port"]
+        assert config.monitors.store.url == f"redis://{redis['metadata']['name']}:{port}/0"
+        # The control port speaks TLS with client certificates, like the client port.
+        assert config.control.mtls
+    else:
+        assert config.monitors.store.backend == "memory"
 
 
 def test_production_gateway_requires_client_certificates(rendered: Rendered, tmp_path: Path) -> None:
@@ -271,6 +356,13 @@ def test_services_expose_only_gateway_ports(variant: str, rendered: Rendered) ->
     gateway = container(gateway_deployment(rendered[variant]), "tfshield")
     named_ports = {p["name"]: p["containerPort"] for p in gateway["ports"]}
     assert named_ports == GATEWAY_PORTS
+    exposed = [
+        port["targetPort"]
+        for o in rendered[variant]
+        if o["kind"] == "Service"
+        for port in o["spec"]["ports"]
+    ]
+    assert "control" not in exposed and GATEWAY_PORTS["control"] not in exposed
     pod_labels = gateway_deployment(rendered[variant])["spec"]["template"]["metadata"]["labels"]
     services = {o["metadata"]["name"]: o for o in rendered[variant] if o["kind"] == "Service"}
     for name in ("tfshield", "tfshield-metrics"):
@@ -296,11 +388,17 @@ def test_network_policy_admits_only_gateway_ports(variant: str, rendered: Render
     ]
     ingress = [rule for p in policies for rule in p["spec"].get("ingress", [])]
     assert any("Ingress" in p["spec"]["policyTypes"] for p in policies)
-    assert {port["port"] for rule in ingress for port in rule["ports"]} == {8500, 9100}
+    assert {port["port"] for rule in ingress for port in rule["ports"]} == {8500, 9100, 8600}
     for rule in ingress:
         assert "ports" in rule, "an ingress rule without ports would admit every port, TF Serving's included"
         if {port["port"] for port in rule["ports"]} & {9100}:
             assert rule.get("from"), "metrics must be admitted from the monitoring namespace only"
+        if {port["port"] for port in rule["ports"]} & {8600}:
+            assert [port["port"] for port in rule["ports"]] == [8600]
+            # One peer with both selectors: the pod AND its namespace must carry the label.
+            assert rule["from"] == [
+                {"namespaceSelector": {"matchLabels": CONTROL_LABEL}, "podSelector": {"matchLabels": CONTROL_LABEL}}
+            ]
     egress = [rule for p in policies for rule in p["spec"].get("egress", [])]
     egress_ports = {port["port"] for rule in egress for port in rule["ports"]}
     assert all("Egress" in p["spec"]["policyTypes"] for p in policies)
@@ -461,9 +559,19 @@ def start_pod_gateway(tmp_path: Path, socket_path: Path) -> Proc:
     config["upstream"]["target"] = f"unix://{socket_path}"
     config["listen"] = "127.0.0.1:0"
     config["metrics"]["listen"] = "127.0.0.1:0"
+    # The pod's mounts, as files here: the policy ConfigMap, the token Secret, the audit emptyDir.
+    config["policy"]["file"] = str(KUBERNETES / "base" / "policy.yaml")
+    config["audit"]["file"] = str(tmp_path / "audit" / "audit.jsonl")
+    (tmp_path / "audit").mkdir()
+    (tmp_path / "token").write_text("test-control-token\n")
+    config["control"] = {"listen": "127.0.0.1:0", "token_file": str(tmp_path / "token")}
+    # The fake upstream has no model to calibrate monitors on: the live
+    # observability test runs a calibrated suite on the real model server.
+    del config["monitors"]
     (tmp_path / "gateway.yaml").write_text(yaml.safe_dump(config))
     argv = tfshield_argv("serve", "--config", str(tmp_path / "gateway.yaml"))
-    return start(argv, tmp_path, "gateway", timeout_s=30, env={"TFSHIELD_ID_SALT": "test"})
+    env = {"TFSHIELD_ID_SALT": "test", "TFSHIELD_DECEIVE_KEY": "test-deceive-key-16+"}
+    return start(argv, tmp_path, "gateway", timeout_s=30, env=env)
 
 
 def wait_until_serving(address: str, timeout_s: float = 15.0) -> None:
