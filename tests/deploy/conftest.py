@@ -15,7 +15,8 @@ DEPLOY = REPO / "deploy"
 KUBERNETES = DEPLOY / "kubernetes"
 # Stand-ins for the production overlay's secret material (git-ignored files).
 PRODUCTION_SECRET_FILES = (
-    "id-salt", "fingerprint-salt", "deceive-key", "control-token", "tls.crt", "tls.key", "ca.crt", "redis-password",
+    "id-salt", "fingerprint-salt", "deceive-key", "control-token",
+    "tls.crt", "tls.key", "ca.crt", "redis-password",
 )
 VARIANTS = ("base", "dev", "production")
 

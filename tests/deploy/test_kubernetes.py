@@ -396,9 +396,8 @@ def test_network_policy_admits_only_gateway_ports(variant: str, rendered: Render
         if {port["port"] for port in rule["ports"]} & {8600}:
             assert [port["port"] for port in rule["ports"]] == [8600]
             # One peer with both selectors: the pod AND its namespace must carry the label.
-            assert rule["from"] == [
-                {"namespaceSelector": {"matchLabels": CONTROL_LABEL}, "podSelector": {"matchLabels": CONTROL_LABEL}}
-            ]
+            operators = {"matchLabels": CONTROL_LABEL}
+            assert rule["from"] == [{"namespaceSelector": operators, "podSelector": operators}]
     egress = [rule for p in policies for rule in p["spec"].get("egress", [])]
     egress_ports = {port["port"] for rule in egress for port in rule["ports"]}
     assert all("Egress" in p["spec"]["policyTypes"] for p in policies)
