@@ -2,18 +2,20 @@
 
 Set-up, all on loopback: the reference model server (``model_server``), a
 gateway in front of it protecting ``mnist`` with a Mahalanobis detector
-calibrated here (on uniform-noise images, the benign traffic of this test), a
-second gateway whose model server is gone, and a scrape target where nothing
-listens. Prometheus (the Debian package) scrapes the three every second and
-evaluates deploy/prometheus/tfshield-rules.yml.
+calibrated here (on uniform-noise images, the benign traffic of this test),
+per-client monitors calibrated here against the model server (a small suite),
+their state in memory, and a policy; a second gateway whose model server is
+gone, with the same monitors on a Redis that is not there (so the store's
+error series exist, backend="redis", and the monitors fail open); and a scrape
+target where nothing listens. Prometheus (the Debian package) scrapes the three
+every second and evaluates deploy/prometheus/tfshield-rules.yml.
 
 Traffic, in three rounds a scrape apart so that rates are not zero: benign
-Predicts, then what an attacker can do to today's gateway, whose monitors and
-policy are still being written (issues 3 and 4): an extraction-style sweep of
-synthetic probe images from one API key (the detector flags them; once the
-monitors land the sweep is what raises the client's risk), model-name probing
-(NOT_FOUND upstream), malformed tensors (refused by the decode stage) and
-HandleReloadConfigRequest calls (refused).
+Predicts, then what attackers do: a query-based prober (small perturbations of
+one digit, from its own API key) that the monitors flag and whose risk the
+policy's ladder answers, model-name probing (NOT_FOUND upstream), malformed
+tensors (refused by the decode stage) and HandleReloadConfigRequest calls
+(refused).
 
 Then, through Prometheus's HTTP API: every panel target must evaluate without
 error and return data; every rule must be healthy, every alert expression
@@ -60,11 +62,6 @@ PENDING_METRICS: dict[str, str] = {
     # initialised at 0), and nothing here makes a detector fail.
     "tfshield_detector_errors_total": "detectors: only after a detector error",
     "tfshield_detector_failures_total": "detectors: only after a failure-mode decision",
-    "tfshield_monitor_flags_total": "monitors (issue 3)",
-    "tfshield_client_risk": "monitors (issue 3)",
-    "tfshield_store_operation_duration_seconds": "monitors (issue 3)",
-    "tfshield_store_errors_total": "monitors (issue 3)",
-    "tfshield_clients_tracked": "monitors (issue 3)",
     # Exported, but a series appears only at the first failed audit write.
     "tfshield_audit_write_errors_total": "policy: only after an audit write error",
 }
@@ -181,27 +178,39 @@ def call(channel: grpc.Channel, path: str, request: bytes, api_key: str) -> str:
         return exc.code().name
 
 
-def send_round(healthy: str, broken: str, round_index: int) -> dict[str, int]:
-    """One round of traffic; returns how many calls ended with each status."""
+PROBES_PER_ROUND = 20
+
+
+def probing_queries(seed_image: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """What a query-based evasion attack sends: small perturbations around one image."""
+    noise = rng.normal(0.0, 0.03, size=(n, *seed_image.shape)).astype(np.float32)
+    return np.clip(seed_image[None] + noise, 0.0, 1.0)
+
+
+def send_round(healthy: str, broken: str, round_index: int, digits: Any) -> dict[str, int]:
+    """One round of traffic; returns how many calls ended with each status
+    (the prober's as "prober:<code>")."""
     rng = np.random.default_rng(round_index)
     codes: dict[str, int] = {}
 
-    def count(code: str) -> None:
-        codes[code] = codes.get(code, 0) + 1
+    def count(code: str, who: str = "") -> None:
+        key = f"{who}:{code}" if who else code
+        codes[key] = codes.get(key, 0) + 1
 
     def images(n: int) -> np.ndarray:
         return rng.random((n, 28, 28, 1))
 
     with grpc.insecure_channel(healthy) as channel:
-        for _ in range(10):  # benign users
-            count(call(channel, PREDICT, predict_bytes("mnist", "images", images(2)), "user"))
+        for i in range(10):  # benign users: distinct held-out digits
+            first = 100 + (round_index * 10 + i) * 2
+            pair = digits.heldout[first : first + 2]
+            count(call(channel, PREDICT, predict_bytes("mnist", "images", pair), "user"))
             count(call(channel, PREDICT, predict_bytes("echo", "x", rng.random((4,))), "user"))
-        # The attacker: an extraction-style sweep of synthetic probes...
-        for step in range(12):
-            probe = np.zeros((1, 28, 28, 1))
-            probe.flat[(round_index * 12 + step) * 13 % 784] = 1.0
-            count(call(channel, PREDICT, predict_bytes("mnist", "images", probe), "attacker"))
-        # ...model-name probing, malformed tensors and attempts to swap the served models.
+        # A prober with its own key: many small perturbations of one digit,
+        # which the monitors flag and the policy's ladder answers...
+        for probe in probing_queries(digits.heldout[0], PROBES_PER_ROUND, rng):
+            count(call(channel, PREDICT, predict_bytes("mnist", "images", probe[None]), "prober"), "prober")
+        # ...and an attacker's model-name probing, malformed tensors and attempts to swap the served models.
         for name in ("admin", "mnist-internal"):
             count(call(channel, PREDICT, predict_bytes(name, "images", images(1)), "attacker"))
         for _ in range(3):
@@ -302,6 +311,9 @@ class Prometheus:
 POLICY = """
 version: 1
 rules:
+  - name: risky-clients-blocked
+    when: {risk_at_least: 0.9}
+    action: block
   - name: flagged-inputs-perturbed
     match: {models: [mnist]}
     when: {flagged: [mahalanobis]}
@@ -321,31 +333,97 @@ def calibrate_mnist_detector(folder: Path) -> Path:
     return write_artefacts(folder, manifest, {"mahalanobis": detector})
 
 
+def calibrate_monitors(model_server: Proc, digits: Any, folder: Path) -> Path:
+    """A small monitor suite for mnist, calibrated on the served model's answers (a few seconds)."""
+    from gateway.model.calibrate import calibrate_monitor_suite
+
+    return calibrate_monitor_suite(
+        "mnist",
+        digits,
+        model_server.address(),
+        folder,
+        target_fpr=0.05,
+        sequence_options={
+            "n_random": 8,
+            "n_heavy": 1,
+            "n_resend": 4,
+            "random_length": (40, 80),
+            "heavy_length": (200, 300),
+            "resend_length": (40, 80),
+        },
+        log=lambda line: None,
+    )
+
+
+MONITOR_ENV = {"TFSHIELD_FINGERPRINT_SALT": "observability-salt", "TFSHIELD_ID_SALT": "observability-test"}
+
+
 @pytest.fixture(scope="module")
-def observed(model_server: Proc, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
+def digits(model_cache_dir: Path) -> Any:
+    """The demo's benign digits (fit part cut to 1,000, as tests/gateway's ``reference``)."""
+    from gateway.model.calibrate import ReferenceSplit, demo_reference
+
+    full = demo_reference(model_cache_dir)
+    return ReferenceSplit(full.fit[:1000], full.calibration, full.heldout, full.description)
+
+
+@pytest.fixture(scope="module")
+def observed(
+    model_server: Proc, digits: Any, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Prometheus]:
     """Prometheus after the traffic rounds have been scraped."""
     workdir = tmp_path_factory.mktemp("observability")
     dead_port = free_port()  # nothing listens here: the broken gateway's upstream
     down_port = free_port()  # nor here: the scrape target that is down
+    suite = calibrate_monitors(model_server, digits, workdir / "monitors")
     # The policy answers flagged inputs with perturbed outputs, so decisions
-    # other than allow (and perturbations) happen and show on the dashboard.
+    # other than allow (and perturbations) happen and show on the dashboard;
+    # its default ladder answers the monitors' risk.
     (workdir / "policy.yaml").write_text(POLICY)
+    monitored = [{"model": "mnist", "suite": str(suite)}]
     config = {
         "detection": {
             "models": [{"model": "mnist", "artefacts": str(calibrate_mnist_detector(workdir / "artefacts"))}]
         },
+        "monitors": {"models": monitored, "store": {"backend": "memory"}},
         "policy": {"file": str(workdir / "policy.yaml")},
     }
     (workdir / "gateway.yaml").write_text(yaml.safe_dump(config))
+    # The broken gateway's Redis is not there either: every store operation fails,
+    # the monitors fail open, and the calls go on to the missing model server.
+    redis_gone = f"unix://{workdir}/no-redis.sock"
+    broken_config = {
+        "monitors": {
+            "models": monitored,
+            "store": {"backend": "redis", "url": redis_gone, "timeout_s": 0.05},
+            "failure_mode": "open",
+        }
+    }
+    (workdir / "gateway-broken.yaml").write_text(yaml.safe_dump(broken_config))
     serve = ["serve", "--config", str(workdir / "gateway.yaml"), "--upstream", model_server.address()]
     healthy = start(
-        tfshield_argv(*serve, "--port", "0", "--metrics-port", "0"), workdir, "gateway", timeout_s=30
+        tfshield_argv(*serve, "--port", "0", "--metrics-port", "0"),
+        workdir,
+        "gateway",
+        timeout_s=30,
+        env=MONITOR_ENV,
     )
     broken = start(
-        tfshield_argv("serve", "--upstream", f"127.0.0.1:{dead_port}", "--port", "0", "--metrics-port", "0"),
+        tfshield_argv(
+            "serve",
+            "--config",
+            str(workdir / "gateway-broken.yaml"),
+            "--upstream",
+            f"127.0.0.1:{dead_port}",
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+        ),
         workdir,
         "gateway-broken",
         timeout_s=30,
+        env=MONITOR_ENV,
     )
     targets = [healthy.address("metrics"), broken.address("metrics"), f"127.0.0.1:{down_port}"]
     prometheus = None
@@ -354,16 +432,31 @@ def observed(model_server: Proc, tmp_path_factory: pytest.TempPathFactory) -> It
         prometheus.wait_for('count(up{job="tfshield"})', 3, "scraping all three targets")
         sent: dict[str, int] = {}
         for index in range(3):
-            for code, n in send_round(healthy.address(), broken.address(), index).items():
+            codes = send_round(healthy.address(), broken.address(), index, digits)
+            for code, n in codes.items():
                 sent[code] = sent.get(code, 0) + n
             time.sleep(1.2)
-        assert sent == {
-            "OK": 96,
+        prober = {code.removeprefix("prober:"): n for code, n in sent.items() if code.startswith("prober:")}
+        others = {code: n for code, n in sent.items() if not code.startswith("prober:")}
+        # Deterministic: the model-name probes (NOT_FOUND upstream), the malformed
+        # tensors, the refused reloads, and every call to the broken gateway.
+        assert {k: others.get(k) for k in ("NOT_FOUND", "INVALID_ARGUMENT", "UNAVAILABLE")} == {
             "NOT_FOUND": 6,
             "INVALID_ARGUMENT": 9,
-            "PERMISSION_DENIED": 3,
             "UNAVAILABLE": 15,
         }
+        # The benign users' 60 calls are served; PERMISSION_DENIED: the 3 reloads,
+        # plus any benign call the policy answered (none is expected: at most a few).
+        assert others["OK"] >= 55 and 3 <= others.get("PERMISSION_DENIED", 0) <= 8, others
+        assert set(others) <= {"OK", "NOT_FOUND", "INVALID_ARGUMENT", "PERMISSION_DENIED", "UNAVAILABLE",
+                               "RESOURCE_EXHAUSTED"}, others
+        # The prober: how soon the monitors flag it and where the ladder's steps
+        # fall depends on the calibrated thresholds, so only a range: answered
+        # at first, then throttled (RESOURCE_EXHAUSTED) or blocked (PERMISSION_DENIED).
+        assert sum(prober.values()) == 3 * PROBES_PER_ROUND
+        assert set(prober) <= {"OK", "RESOURCE_EXHAUSTED", "PERMISSION_DENIED"}, prober
+        assert prober.get("OK", 0) >= 1, prober
+        assert prober.get("RESOURCE_EXHAUSTED", 0) + prober.get("PERMISSION_DENIED", 0) >= 1, prober
         healthy.signal(signal.SIGHUP)  # a policy reload, counted by outcome
         # Every call counted, then two more scrapes and rule evaluations.
         prometheus.wait_for(
