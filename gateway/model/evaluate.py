@@ -871,10 +871,10 @@ def main(argv: list[str]) -> int:
         from gateway.model.eval_monitors import main as monitors_main
 
         return monitors_main(argv[1:])
-    if argv[:1] == ["monitors"]:
-        from gateway.model.eval_monitors import main as monitors_main
+    if argv[:1] == ["extraction"]:
+        from gateway.model.eval_extraction import main as extraction_main
 
-        return monitors_main(argv[1:])
+        return extraction_main(argv[1:])
     args = parse_args(argv)
     try:
         evaluate(args.out, args.cache_dir, args.quick, args.target_fpr, args.seed, log=_flushing_print)
