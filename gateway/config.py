@@ -186,6 +186,9 @@ class StoreConfig:
     backend: Literal["memory", "redis"] = "memory"
     # redis://host:port/db, rediss:// for TLS, or unix:///path/to/redis.sock.
     url: str = ""
+    # Redis password from this environment variable (a Secret), never from the
+    # config file; empty: no password, or one given in the url.
+    password_env: str = ""
     # Per operation; a store slower than this counts as failed.
     timeout_s: float = 0.05
     # Memory backend: most keys kept (least recently used go first).

@@ -154,7 +154,10 @@ class InstrumentedStore(Store):
 
 def build_store(config: StoreConfig) -> Store:
     if config.backend == "redis":
-        return RedisStore(config.url, timeout_s=config.timeout_s)
+        password = os.environ.get(config.password_env) if config.password_env else None
+        if config.password_env and not password:
+            raise ConfigError(f"monitors.store.password_env: {config.password_env} is not set")
+        return RedisStore(config.url, timeout_s=config.timeout_s, password=password)
     return MemoryStore(max_keys=config.max_keys)
 
 

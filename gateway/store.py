@@ -186,7 +186,13 @@ class RedisStore(Store):
 
     backend = "redis"
 
-    def __init__(self, url: str, timeout_s: float = 0.05, max_zset_members: int = 1_000_000) -> None:
+    def __init__(
+        self,
+        url: str,
+        timeout_s: float = 0.05,
+        max_zset_members: int = 1_000_000,
+        password: str | None = None,
+    ) -> None:
         try:
             import redis.asyncio as redis_asyncio
         except ImportError:  # pragma: no cover - depends on the install
@@ -196,7 +202,11 @@ class RedisStore(Store):
         self._errors = (redis_asyncio.RedisError, OSError, TimeoutError)
         self.max_zset_members = max_zset_members
         self._redis = redis_asyncio.Redis.from_url(
-            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, health_check_interval=0
+            url,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            health_check_interval=0,
+            **({"password": password} if password else {}),
         )
 
     async def _run(self, build):
