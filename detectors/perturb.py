@@ -568,11 +568,19 @@ def _fit_wire(out: np.ndarray, original: np.ndarray, datatype: int, top1: bool) 
 
 
 def _output_kind(name: str, values: np.ndarray, datatype: int, kinds: Mapping[str, str] | None) -> str | None:
-    """The kind of an output to act on, or None to leave it (auto mode: only probability rows)."""
+    """The kind of an output to act on, or None to leave it.
+
+    Auto mode (no outputs configured for the model) treats every floating
+    output with a class axis as scores: probability rows as probabilities,
+    anything else as logits. Leaving logits untouched beside perturbed or
+    deceiving probabilities would hand a thief the true answer (found in
+    ``tfshield eval extraction``); a model with other floating outputs
+    (embeddings, regressions) should list its outputs in the policy.
+    """
     if kinds is None:
-        if datatype in FLOAT_DATATYPES and looks_like_probabilities(values):
-            return "probabilities"
-        return None
+        if datatype not in FLOAT_DATATYPES or values.ndim == 0 or values.shape[-1] < 2 or values.size == 0:
+            return None
+        return "probabilities" if looks_like_probabilities(values) else "logits"
     kind = kinds[name]
     if kind == "labels":
         if datatype not in INTEGER_DATATYPES and datatype != types_pb2.DT_STRING:

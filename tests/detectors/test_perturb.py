@@ -353,19 +353,25 @@ def test_perturb_response_rewrites_the_named_output_in_its_own_form_and_keeps_th
 
 
 def test_a_response_nothing_was_done_to_is_returned_as_it_came() -> None:
-    raw = response_with({"embedding": np.ones((2, 3), np.float32) * 7}, True).SerializeToString()
-    # Auto-detection finds no probability rows; an absent named output is skipped.
+    raw = response_with(
+        {"class_ids": np.arange(4, dtype=np.int64), "value": np.ones((4, 1), np.float32)}, True
+    )
+    raw = raw.SerializeToString()
+    # No scores to find (no floating output with a class axis); an absent named output is skipped.
     assert perturb_response(raw, None, level_fn(1)) is raw
     assert perturb_response(raw, ["probs"], level_fn(1, {"probs": "probabilities"})) is raw
 
 
-def test_auto_detection_perturbs_probability_outputs_only() -> None:
-    probs, scores = batch(4), np.random.default_rng(0).normal(size=(4, 10)).astype(np.float32)
-    raw = response_with({"probs": probs, "scores": scores}, True).SerializeToString()
+def test_auto_detection_treats_probabilities_and_logits_alike() -> None:
+    # Logits left untouched beside perturbed probabilities would give the true scores away.
+    probs, logits = batch(4), np.random.default_rng(0).normal(size=(4, 10)).astype(np.float32)
+    raw = response_with({"probs": probs, "logits": logits}, True).SerializeToString()
     result = predict_pb2.PredictResponse.FromString(perturb_response(raw, None, level_fn(3)))
-    np.testing.assert_array_equal(tf.make_ndarray(result.outputs["scores"]), scores)
     np.testing.assert_array_equal(tf.make_ndarray(result.outputs["probs"]), np.eye(10)[probs.argmax(axis=1)])
-    assert looks_like_probabilities(probs) and not looks_like_probabilities(scores)
+    out_logits = tf.make_ndarray(result.outputs["logits"])
+    assert not np.array_equal(out_logits, logits)
+    np.testing.assert_array_equal(out_logits.argmax(axis=1), logits.argmax(axis=1))
+    assert looks_like_probabilities(probs) and not looks_like_probabilities(logits)
 
 
 @pytest.mark.parametrize("dtype", [tf.bfloat16, tf.float16, tf.float64])

@@ -245,13 +245,14 @@ async def test_a_response_that_cannot_be_perturbed_follows_the_perturb_failure_m
     assert harness.count("tfshield_perturb_failures_total", mode=mode) == 1
 
 
-async def test_a_model_without_probability_outputs_needs_its_outputs_configured() -> None:
+async def test_a_model_with_only_logits_is_perturbed_as_logits() -> None:
     harness = Harness("failure: {perturb: closed}")
     harness.verdicts["peer:10.0.0.1"] = Verdicts(risk=0.4)
     x, _ = digits()
     logits = np.random.default_rng(0).normal(size=(4, 10)).astype(np.float32)
-    with pytest.raises(Refusal):
-        await harness.run(predict_call(x), response_for(logits))
+    auto = probs_of(await harness.run(predict_call(x), response_for(logits, content=True)))
+    assert not np.array_equal(auto, logits)
+    np.testing.assert_array_equal(auto.argmax(axis=1), logits.argmax(axis=1))
     configured = Harness("outputs: {mnist: [{name: probs, kind: logits}]}")
     configured.verdicts["peer:10.0.0.1"] = Verdicts(risk=0.4)
     out = probs_of(await configured.run(predict_call(x), response_for(logits, content=True)))
