@@ -186,6 +186,14 @@ class DetectStage(Stage):
                     inline_max_samples=config.inline_max_samples,
                 )
             self.models[model_config.model] = protected
+        # Series at 0 from the start, so dashboards and alerts see "no errors", not "no data".
+        mode = "closed" if self._closed else "open"
+        for reason in ("queue_full", "detector_error"):
+            self.metrics.failures.labels(reason, mode)
+        for protected in self.models.values():
+            for detector in (protected.validator, *protected.batched, protected.squeezer, protected.autoencoder):
+                if detector is not None:
+                    self.metrics.errors.labels(detector.name)
 
     @staticmethod
     def _load(model_config: ProtectedModelConfig) -> ProtectedModel:
