@@ -434,3 +434,41 @@ def test_anonymous_callers_are_refused_when_configured(model_server: Proc, tmp_p
         assert predict_pb2.PredictResponse.FromString(response).outputs["y"]
     finally:
         proc.stop()
+
+
+def test_tls_to_the_upstream(model_server: Proc, tmp_path) -> None:
+    """Gateway A speaks TLS (with a client certificate) to gateway B, whose listener needs mTLS."""
+    from tests.certs import TestCA
+
+    ca = TestCA(tmp_path)
+    server = ca.server("upstream")
+    client = ca.client("gateway-a", "gateway-a")
+    b = start_gateway(
+        tmp_path / "b",
+        model_server.address(),
+        "b",
+        {
+            "tls": {
+                "cert_file": str(server.cert),
+                "key_file": str(server.key),
+                "client_ca_file": str(ca.files.cert),
+            }
+        },
+    )
+    upstream_tls = {
+        "ca_file": str(ca.files.cert),
+        "cert_file": str(client.cert),
+        "key_file": str(client.key),
+        "server_name": "localhost",
+    }
+    a = start_gateway(
+        tmp_path / "a", b.address(), "a", {"upstream": {"target": b.address(), "tls": upstream_tls}}
+    )
+    raw = predict_request("echo", {"x": np.ones((1, 2), np.float32)}).SerializeToString()
+    try:
+        direct, _ = raw_unary(model_server.address(), PREDICT, raw, timeout=30)
+        through, _ = raw_unary(a.address(), PREDICT, raw, timeout=30)
+        assert through == direct
+    finally:
+        a.stop()
+        b.stop()
