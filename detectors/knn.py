@@ -59,7 +59,7 @@ class StatefulKNN(Monitor):
     flags_when = "below"
 
     def __init__(
-        self, k: int = 10, history: int = 64, n_dims: int = 24, state_ttl_s: float = 86400.0
+        self, k: int = 20, history: int = 64, n_dims: int = 24, state_ttl_s: float = 86400.0
     ) -> None:
         for label, value in (("k", k), ("history", history), ("n_dims", n_dims)):
             if int(value) != value or value < 1:

@@ -121,9 +121,9 @@ def reencode_lightly(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 def benign_sequences(
     pool: np.ndarray,
     rng: np.random.Generator,
-    n_random: int = 30,
-    n_heavy: int = 4,
-    n_resend: int = 16,
+    n_random: int = 40,
+    n_heavy: int = 12,
+    n_resend: int = 20,
     max_resends: int = 8,
     random_length: tuple[int, int] = (50, 400),
     heavy_length: tuple[int, int] = (1500, 3000),

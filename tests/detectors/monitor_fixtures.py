@@ -34,7 +34,7 @@ from detectors.monitor_calibration import MonitorSuite, benign_sequences, calibr
 from gateway.model.data import MnistSplit, split_mnist
 from tests.detectors.conftest import fit_classifier
 
-CALIBRATION_FPR = 0.01
+CALIBRATION_FPR = 0.001
 SECRET = "test-salt"
 
 
