@@ -377,16 +377,20 @@ def calibrate(
     autoencoder's training. Returns what was written, with the held-out flags.
     """
     import detectors as _registry  # noqa: F401  (registers every detector)
-    from detectors.base import detector_class
+    from detectors.base import REGISTRY, DetectorError, detector_class
     from detectors.manifest import Manifest, write_artefacts
+    from detectors.monitor import Monitor
 
     if not 0.0 < target_fpr < 1.0:
         raise CalibrationError(f"target FPR must be in (0, 1), got {target_fpr}")
     names = list(dict.fromkeys(detectors))
     if not names:
         raise CalibrationError("no detectors to calibrate; name at least one")
+    # Input detectors only: monitors are calibrated on client sequences (--monitors-out).
+    known = sorted(n for n, cls in REGISTRY.items() if not issubclass(cls, Monitor))
     for name in names:
-        detector_class(name)  # an unknown name fails here, listing the known ones
+        if name not in known:
+            raise DetectorError(f"unknown detector '{name}'; known: {', '.join(known)}")
     params = {name: dict(values) for name, values in (detector_params or {}).items()}
     out_dir = Path(out)
     timings: dict[str, float] = {}

@@ -22,7 +22,6 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.gateway.conftest import start_gateway
 from tests.procs import Proc, start, tfshield_argv
 
 __all__ = [
@@ -148,6 +147,9 @@ def detect_gateway(
 ) -> Iterator[Proc]:
     """A gateway with every calibrated detector recording (none blocks), failing closed."""
     config = detection_config(calibration.out)
+    # Imported here: tests/gateway/conftest.py imports this module's fixtures.
+    from tests.gateway.conftest import start_gateway
+
     proc = start_gateway(
         tmp_path_factory.mktemp("detect-gateway"), detect_model_server.address(), config=config
     )
