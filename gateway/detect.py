@@ -191,7 +191,12 @@ class DetectStage(Stage):
         for reason in ("queue_full", "detector_error"):
             self.metrics.failures.labels(reason, mode)
         for protected in self.models.values():
-            for detector in (protected.validator, *protected.batched, protected.squeezer, protected.autoencoder):
+            for detector in (
+                protected.validator,
+                *protected.batched,
+                protected.squeezer,
+                protected.autoencoder,
+            ):
                 if detector is not None:
                     self.metrics.errors.labels(detector.name)
 
