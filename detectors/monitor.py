@@ -40,7 +40,7 @@ from __future__ import annotations
 import hashlib
 import math
 from abc import abstractmethod
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Self, TypeVar
 
@@ -188,7 +188,7 @@ class Monitor(Detector):
             self.corrupt_states_total += 1
             return None
 
-    def _encode(self, arrays: dict[str, np.ndarray]) -> bytes:
+    def _encode(self, arrays: Mapping[str, np.ndarray | np.generic]) -> bytes:
         blob = encode_state(arrays)
         if len(blob) > self.max_state_bytes:  # a bug, never the client's doing
             raise DetectorError(
@@ -228,8 +228,11 @@ class Monitor(Detector):
         ``batch_size`` samples, all clients interleaved round-robin in one
         MemoryStore (so shared state such as Blacklight's index sees them all),
         and the client's most suspicious score over its whole sequence is
-        kept; the threshold is the ``fpr`` quantile of those (see
-        :func:`detectors.base.threshold_at_fpr`). ``embed`` maps a batch to
+        kept; the threshold is the ``fpr`` quantile of those, extrapolated
+        when ``fpr`` is below a few clients' worth (see
+        :func:`threshold_at_client_fpr`; 0.001 is a good target: about 1 in
+        73 new benign clients exceeds the largest of 72 benign scores, which
+        makes false alarms likely among 50 clients and 4 monitors). ``embed`` maps a batch to
         ``QueryBatch.embedding`` (``detectors.embedding.Embedding.transform``)
         and ``predicted_fn`` a batch to its top-1 classes.
         """

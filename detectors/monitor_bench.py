@@ -100,7 +100,7 @@ async def _redis_bytes_per_client(url: str, keys: list[str], members: int = 1000
 
     client = redis_asyncio.Redis.from_url(url)
     try:
-        total = 0
+        total = 0.0
         for key in keys:
             total += int(await client.memory_usage(key, samples=0) or 0)
         probe = "tfs:bench:zset"
@@ -206,7 +206,7 @@ async def abenchmark_monitors(
         }
         budget["memory_total_bytes"] = budget["memory_bytes_per_client"] * BUDGET_CLIENTS
         budget["memory_fits"] = budget["memory_total_bytes"] <= BUDGET_BYTES
-        if redis_store is not None:
+        if redis_store is not None and redis_url is not None:
             keys = [
                 key
                 for name, m in suite.monitors.items()
@@ -239,7 +239,7 @@ async def abenchmark_monitors(
                 tracemalloc.stop()
             client_state = per_client_memory / max(1, len(templates))  # rough: one small client key each
             index["memory_bytes_per_query"] = (after - before) / index_queries - client_state
-            if redis_store is not None:
+            if redis_store is not None and redis_url is not None:
                 await redis_store._redis.flushdb()
                 before_redis = await _redis_used_memory(redis_url)
                 for i, batch in enumerate(distinct_batches):

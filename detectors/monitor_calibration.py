@@ -7,18 +7,23 @@ benign population looks like decides what is never flagged, so
 :func:`benign_sequences` builds the kinds of benign users the gateway must
 leave alone, from held-out digits:
 
-``random``
+``random`` (40 by default)
     draws with replacement from the pool, 50–400 queries: most benign traffic.
-``heavy``
+``heavy`` (12)
     the same at attacker-level volume (1,500–3,000 queries): with a pool of
-    a few hundred digits every one is re-sent several times, exactly.
-``resend``
+    a few hundred digits every one is re-sent several times, exactly. Their
+    most suspicious scores set most thresholds (a long sequence has many
+    chances to look odd), so there are many of them.
+``resend`` (20)
     a user who re-sends the same digit (100–600 queries): each digit
     1–``max_resends`` (8) times in a row, every copy but the first lightly
-    re-encoded at random: a
-    float → uint8 → float round trip (a no-op on 8-bit data), Gaussian noise
-    of 0.5–2 grey levels, or a JPEG-like round trip (8 × 8 block DCT
-    quantised at quality 90–98, :func:`jpeg_like`).
+    re-encoded at random: a float → uint8 → float round trip (a no-op on
+    8-bit data), Gaussian noise of 0.5–2 grey levels, or a JPEG-like round
+    trip (8 × 8 block DCT quantised at quality 90–98, :func:`jpeg_like`).
+
+Use a pool the evaluation does not use (the validation split). About 48,000
+queries in all; calibrating the five monitors takes about a minute with the
+demo CNN on two cores.
 
 :func:`calibrate_monitors` fits the shared embedding on reference data and
 calibrates every requested monitor at the target false-positive rate (per

@@ -119,7 +119,7 @@ def shapiro_wilk_w(values: np.ndarray) -> float:
     if ss <= _SMALL * max(1.0, float(x @ x)):
         return 1.0
     a = _shapiro_coefficients(len(x))
-    return float(min(1.0, (a @ x) ** 2 / ss))
+    return min(1.0, float((a @ x) ** 2) / ss)
 
 
 def shapiro_wilk_z(w: float, n: int) -> float:
@@ -329,8 +329,8 @@ class Prada(Monitor):
                 std = math.sqrt(max(0.0, squares / count - mean * mean))
                 grow_threshold[c] = max(float(grow_threshold[c]), mean - std)
 
-        state["recorded"] = np.int64(recorded)
-        state["seen"] = np.int64(seen)
+        state["recorded"] = np.asarray(recorded, dtype=np.int64)
+        state["seen"] = np.asarray(seen, dtype=np.int64)
         score = float("nan")
         if recorded >= self.min_distances:
             recent = distances[: min(recorded, self.window)].astype(np.float64)
@@ -341,7 +341,7 @@ class Prada(Monitor):
             else:  # an exponential moving average over ~smoothing queries (n of them in this request)
                 weight = 1.0 - (1.0 - 1.0 / self.smoothing) ** max(1, len(predicted))
                 score = previous + weight * (z - previous)
-            state["smoothed"] = np.float64(score)
+            state["smoothed"] = np.asarray(score, dtype=np.float64)
         await store.set_many([(key, self._encode(state))], self.state_ttl_s)
         return self._result(score)
 

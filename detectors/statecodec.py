@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import math
 import struct
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -88,7 +89,7 @@ def _encode_header(layout: tuple[tuple[str, int, tuple[int, ...]], ...]) -> byte
     return MAGIC + struct.pack("<H", len(header)) + header
 
 
-def encode_state(arrays: dict[str, np.ndarray]) -> bytes:
+def encode_state(arrays: Mapping[str, np.ndarray | np.generic]) -> bytes:
     """Pack ``{name: array}`` (dtypes in ``DTYPES``, at most 4 dimensions) into bytes."""
     if len(arrays) > MAX_ARRAYS:
         raise StateError(f"at most {MAX_ARRAYS} arrays per state, got {len(arrays)}")
