@@ -702,6 +702,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="also calibrate the per-client monitors and write their suite here "
         "(the gateway's monitors.models.suite)",
     )
+    parser.add_argument(
+        "--monitors-fpr",
+        type=float,
+        default=0.001,
+        help="fraction of benign clients each monitor may ever flag (default 0.001; below 1/n clients "
+        "the threshold is extrapolated from the benign tail)",
+    )
     args = parser.parse_args(argv)
     try:
         args.split = tuple(float(f) for f in args.split.split(","))
@@ -749,7 +756,7 @@ def main(argv: list[str]) -> int:
                 reference,
                 args.upstream,
                 args.monitors_out,
-                target_fpr=args.target_fpr,
+                target_fpr=args.monitors_fpr,
                 input_name=args.input,
                 output_name=args.output,
                 seed=args.seed,

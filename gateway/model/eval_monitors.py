@@ -79,7 +79,7 @@ INPUT_NAME = "images"
 OUTPUT_NAME = "probabilities"
 FLAG_RISK = 0.5  # a client's risk is >= 0.5 iff some monitor flagged it (detectors/risk.py)
 DEFAULT_OUT = Path("eval-results") / "monitors"
-DEFAULT_TARGET_FPR = 0.01
+DEFAULT_TARGET_FPR = 0.001
 CONTROL_TOKEN = "tfshield-eval-monitors-token"
 ID_SALT = "tfshield-eval-monitors-id-salt"
 FINGERPRINT_SALT = "tfshield-eval-monitors-fingerprint-salt"
