@@ -56,7 +56,7 @@ def test_unsupported_dtypes_and_names_are_refused_when_encoding():
     [
         (lambda b: b[:-1], "header describes"),
         (lambda b: b + b"\x00", "header describes"),
-        (lambda b: b"XXXX" + b[4:], "does not start with the TFS1 magic"),
+        (lambda b: b"ZZZZ" + b[4:], "does not start with the TFS1 magic"),
         (lambda b: b[:5], "does not start with the TFS1 magic"),
         (lambda b: b[:6] + b"\xff" + b[7:], "claims 255 arrays"),
         (lambda b: b[:4] + b"\xff\xff" + b[6:], "runs past the end"),
