@@ -116,6 +116,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gateway.model.processes import stop_process
+
 REPO = Path(__file__).resolve().parent.parent
 PREDICT = "/tensorflow.serving.PredictionService/Predict"
 TARGET_NAMES = ("direct", "gateway", "gateway+valid+maha", "gateway+all", "nginx")
@@ -174,21 +176,6 @@ class Started:
         except OSError:
             return ""
         return "\n".join(text.splitlines()[-lines:])
-
-
-def stop_process(popen: subprocess.Popen[Any], grace_s: float = 10.0) -> None:
-    """SIGTERM the pid, wait up to ``grace_s``, then SIGKILL it."""
-    if popen.poll() is not None:
-        return
-    try:
-        os.kill(popen.pid, signal.SIGTERM)
-        popen.wait(grace_s)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(popen.pid, signal.SIGKILL)
-        popen.wait(5)
-    except ProcessLookupError:
-        pass
 
 
 def _child_env() -> dict[str, str]:

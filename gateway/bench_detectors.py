@@ -65,7 +65,6 @@ import importlib
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -74,6 +73,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from gateway.model.processes import stop_process
 
 RECIPE = "bench-detectors-v1"
 MODEL = "mnist"
@@ -289,12 +290,12 @@ def micro_table(
     try:
         output, _ = child.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        _stop(child)
+        stop_process(child, 5.0)
         raise DetectorBenchError(
             f"the detector micro-benchmark did not finish in {timeout_s:.0f} s"
         ) from None
     finally:
-        _stop(child)
+        stop_process(child, 5.0)
     if child.returncode != 0:
         raise DetectorBenchError(f"the detector micro-benchmark failed:\n{output.decode(errors='replace')}")
     rows: list[dict[str, Any]] = json.loads(out.read_text())
@@ -432,7 +433,7 @@ def start_redis(workdir: Path, stack: contextlib.ExitStack) -> RedisServer:
         "--save", "", "--appendonly", "no", "--dir", str(workdir), "--logfile", str(log_path),
     ]  # fmt: skip
     popen = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, cwd=workdir)
-    stack.callback(_stop, popen)
+    stack.callback(stop_process, popen, 5.0)
     deadline = time.monotonic() + REDIS_START_TIMEOUT_S
     while not (socket_path.exists() and _ping(socket_path)):
         if popen.poll() is not None:
@@ -532,21 +533,6 @@ def format_monitors(module: Any, result: dict[str, Any]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------
-
-
-def _stop(popen: subprocess.Popen[Any], grace_s: float = 5.0) -> None:
-    """SIGTERM the pid, wait, then SIGKILL it."""
-    if popen.poll() is not None:
-        return
-    try:
-        os.kill(popen.pid, signal.SIGTERM)
-        popen.wait(grace_s)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(popen.pid, signal.SIGKILL)
-        popen.wait(5)
-    except ProcessLookupError:
-        pass
 
 
 def main(argv: list[str] | None = None) -> int:

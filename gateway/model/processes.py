@@ -6,12 +6,13 @@ then SIGKILL after a grace period. Children get their own session, so a
 Ctrl-C in the terminal reaches only the parent, which then stops them in
 order (gateway first, then the model server behind it).
 
-The test suite has its own helper (``tests/procs.py``) with the same
-contract; this one exists so the shipped package never imports from tests.
+The test suite uses it too (``tests/procs.py`` re-exports it), so the
+shipped package and the tests start servers one way.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -50,6 +51,16 @@ class ServerProcess:
     def address(self, kind: str = "grpc") -> str:
         return f"127.0.0.1:{self.port(kind)}"
 
+    def signal(self, sig: int) -> None:
+        os.kill(self.pid, sig)
+
+    def wait(self, timeout_s: float) -> int:
+        return self.popen.wait(timeout_s)
+
+    def log(self) -> str:
+        """Everything the server has written to its log so far."""
+        return self.log_path.read_text(errors="replace")
+
     def log_tail(self) -> str:
         try:
             return self.log_path.read_text(errors="replace")[-LOG_TAIL_CHARS:]
@@ -58,16 +69,22 @@ class ServerProcess:
 
     def stop(self, grace_s: float = 10.0) -> int | None:
         """SIGTERM, wait up to ``grace_s``, then SIGKILL; returns the exit code."""
-        if self.popen.poll() is None:
-            try:
-                os.kill(self.pid, signal.SIGTERM)
-                self.popen.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                os.kill(self.pid, signal.SIGKILL)
-                self.popen.wait(5)
-            except ProcessLookupError:
-                pass
-        return self.popen.returncode
+        return stop_process(self.popen, grace_s)
+
+
+def stop_process(popen: subprocess.Popen[Any], grace_s: float = 10.0) -> int | None:
+    """Stop a child by its pid: SIGTERM, wait up to ``grace_s``, then SIGKILL; its exit code."""
+    if popen.poll() is None:
+        try:
+            os.kill(popen.pid, signal.SIGTERM)
+            popen.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(popen.pid, signal.SIGKILL)
+            popen.wait(5)
+        except ProcessLookupError:
+            pass
+    return popen.returncode
 
 
 def tfshield_command(*args: str) -> list[str]:
