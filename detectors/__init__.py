@@ -9,4 +9,4 @@ from detectors.base import REGISTRY, Detection, Detector, detector_class
 __all__ = ["REGISTRY", "Detection", "Detector", "detector_class"]
 
 # Monitors: stateful, keyed by client (see ``detectors.monitor``).
-from detectors import blacklight, knn, prada, volume  # noqa: E402, F401  (registers them)
+from detectors import blacklight, knn, ood_rate, prada, volume  # noqa: E402, F401  (registers them)

@@ -56,7 +56,7 @@ import numpy as np
 
 from detectors.base import Detector, DetectorError, Predictor, register
 
-__all__ = ["MahalanobisDetector"]
+__all__ = ["MahalanobisDetector", "mahalanobis_scores"]
 
 
 @register
@@ -138,10 +138,26 @@ class MahalanobisDetector(Detector):
                 f"mahalanobis: samples have {features} features (shape {list(x.shape[1:])}); "
                 f"the detector was fitted on {d}"
             )
-        centred = x.reshape(n, d) - self.mean_  # float64
-        z = centred @ self.components_
-        residual = centred - z @ self.components_.T
-        squared = (z * z) @ self.component_weights_ + (residual * residual) @ self.residual_weights_
-        scores = np.sqrt(squared)
-        scores[np.isnan(scores)] = np.inf
-        return scores
+        return mahalanobis_scores(
+            x.reshape(n, d), self.mean_, self.components_, self.component_weights_, self.residual_weights_
+        )
+
+
+def mahalanobis_scores(
+    x: np.ndarray,
+    mean: np.ndarray,
+    components: np.ndarray,
+    component_weights: np.ndarray,
+    residual_weights: np.ndarray,
+) -> np.ndarray:
+    """The score of :class:`MahalanobisDetector` for flat samples ``x`` (n, d), from its learned arrays.
+
+    Computed in the arrays' dtype; NaN (a sample holding NaN or Inf) becomes ``+inf``.
+    """
+    centred = x - mean
+    z = centred @ components
+    residual = centred - z @ components.T
+    squared = (z * z) @ component_weights + (residual * residual) @ residual_weights
+    scores = np.sqrt(squared)
+    scores[np.isnan(scores)] = np.inf
+    return scores

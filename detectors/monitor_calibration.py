@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from detectors import knn, prada, volume  # noqa: F401  (registers the monitors)
+from detectors import knn, ood_rate, prada, volume  # noqa: F401  (registers the monitors)
 from detectors.base import REGISTRY, ArtefactError, Detector, DetectorError, detector_class
 from detectors.blacklight import Blacklight
 from detectors.embedding import Embedding
@@ -56,7 +56,7 @@ __all__ = [
 ]
 
 # Calibrated by default, in the order the gateway should run them.
-DEFAULT_MONITORS = ("rate_limit", "blacklight", "knn", "prada", "class_coverage")
+DEFAULT_MONITORS = ("rate_limit", "blacklight", "knn", "ood_rate", "prada", "class_coverage")
 SUITE_FILE = "monitors.json"
 SUITE_FORMAT_VERSION = 1
 

@@ -57,13 +57,16 @@ How a call is decided (:meth:`Policy.decide`):
    ==================  ====================================================
 
    and ``ladder.deceive``: a call flagged by any of ``deceive.flagged``
-   (default: the extraction monitors, ``prada`` and ``class_coverage``) with
-   risk >= ``deceive.risk_at_least`` (default 0.6) is deceived instead of
+   (default: the extraction monitors, ``prada``, ``class_coverage`` and
+   ``ood_rate``) with risk >= ``deceive.risk_at_least`` (default 0.6) is deceived instead of
    whatever its step says, block included: a thief who is refused learns that
    he was caught, one who is deceived keeps training on poison. Evasion-style
    high risk (``blacklight``, ``knn``) still throttles and blocks: deceiving a
    decision-based evasion attack would only feed it wrong boundaries it can
-   cross-check, while refusals starve it of queries.
+   cross-check, while refusals starve it of queries. ``ood_rate`` sees
+   both kinds (a client whose queries keep leaving the benign data); it is in
+   the deceive list because its extraction flags are the ones no other
+   monitor raises, so an evasion attack it flags first is deceived too.
 
 The signature of a call is ``model_spec.signature_name``, or ``serving_default``
 when empty, as TF Serving resolves it.
@@ -220,8 +223,8 @@ class LadderStep:
 class LadderDeceiveSpec:
     """Deceive, instead of the step's action, calls flagged by these at this risk or more."""
 
-    # The extraction monitors (detectors/: PRADA, class coverage).
-    flagged: tuple[str, ...] = ("prada", "class_coverage")
+    # The extraction monitors (detectors/: PRADA, class coverage, off-distribution rate).
+    flagged: tuple[str, ...] = ("prada", "class_coverage", "ood_rate")
     risk_at_least: float = 0.6
 
     def validate(self, path: str) -> None:
@@ -915,7 +918,7 @@ ladder:
     - {risk_at_least: 0.8, action: throttle}
     - {risk_at_least: 0.95, action: block}
   # Flagged by these and at least this risk: deceive instead (null disables).
-  deceive: {flagged: [prada, class_coverage], risk_at_least: 0.6}
+  deceive: {flagged: [prada, class_coverage, ood_rate], risk_at_least: 0.6}
   shadow: false
 
 # Each level is a chain of perturbations; every one keeps each sample's top-1 class.

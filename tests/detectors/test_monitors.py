@@ -129,7 +129,7 @@ async def state_bytes(m: Monitor, store: Store, client: str) -> int:
 
 
 def test_every_monitor_is_registered():
-    assert MONITORS == ["blacklight", "class_coverage", "knn", "prada", "rate_limit"]
+    assert MONITORS == ["blacklight", "class_coverage", "knn", "ood_rate", "prada", "rate_limit"]
 
 
 @pytest.mark.parametrize("name", MONITORS)
@@ -151,6 +151,7 @@ def test_a_monitor_declares_what_it_needs(name):
         "blacklight": False,
         "class_coverage": True,
         "knn": False,
+        "ood_rate": False,
         "prada": True,
         "rate_limit": False,
     }
@@ -285,6 +286,8 @@ def test_an_uncalibrated_monitor_never_flags(name, world):
     m = REGISTRY[name]().fit(world.mnist.x_train)
     if name == "class_coverage":
         m.prior_ = np.full(10, 0.1)
+    if name == "ood_rate":  # the per-query half of its calibration, without a client threshold
+        m.query_threshold_, m.null_rate_ = 50.0, 0.01
     results = run_sync(observe_all(m, [MemoryStore()], "alice", mixed_requests(world, 80)))
     assert not any(r.flagged for r in results)
     assert all(r.risk == 0.0 for r in results)

@@ -348,7 +348,7 @@ def test_a_star_matches_any_flagged_detector_or_monitor() -> None:
 
 
 def test_the_policy_lists_the_detector_names_it_refers_to() -> None:
-    assert policy(RULES).detector_names == {"feature_squeezing", "prada", "class_coverage"}
+    assert policy(RULES).detector_names == {"feature_squeezing", "prada", "class_coverage", "ood_rate"}
 
 
 # -- shadow --------------------------------------------------------------------------------------
