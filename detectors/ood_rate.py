@@ -188,7 +188,8 @@ class OodRate(Monitor):
             elapsed = max(0.0, now - float(state["t"]))
             counts = state["counts"].astype(np.float32) * np.float32(0.5 ** (elapsed / self.half_life_s))
         counts += np.array([len(batch.x), off], dtype=np.float32)
-        await store.set_many([(key, self._encode({"counts": counts, "t": np.float64(now)}))], self.state_ttl_s)
+        blob = self._encode({"counts": counts, "t": np.float64(now)})
+        await store.set_many([(key, blob)], self.state_ttl_s)
         prior = self.prior_queries
         score = rate_surprise(
             float(counts[0]) + prior, float(counts[1]) + prior * self.null_rate_, self.null_rate_
