@@ -15,6 +15,8 @@ blacklight       HopSkipJump-like, SimBA-like walks         50 queries
 knn              HopSkipJump-like, SimBA-like walks         50 queries
 prada            Papernot/JbDA-like augmentation             300 queries
 class_coverage   uniform-noise probing (one class)           100 queries
+ood_rate         Square-like ±0.3 stripes, rotated or        25 queries
+                 inverted digits, JbDA-like steps            50 queries
 ===============  =========================================  ==================================
 """
 
@@ -35,7 +37,7 @@ from tests.detectors.monitor_fixtures import (
     simba_like,
 )
 
-SEQUENCE_MONITORS = ("blacklight", "knn", "prada", "class_coverage")
+SEQUENCE_MONITORS = ("blacklight", "knn", "ood_rate", "prada", "class_coverage")
 
 
 @pytest.fixture(scope="module")
@@ -130,3 +132,57 @@ async def test_benign_re_sends_of_one_digit_are_not_hits_when_exact(world):
         (batch,) = world.batches(digit)
         result = await m.observe(store, f"client-{i % 5}", batch, now=float(i))
         assert result.score == 0.0
+
+
+def square_like(x0: np.ndarray, rng: np.random.Generator, n: int, epsilon: float = 0.3) -> np.ndarray:
+    """Square attack's start (L∞): ±ε vertical stripes on the digit, then ±2ε squares moved at random."""
+    current = np.clip(x0 + epsilon * np.sign(rng.normal(size=(1, x0.shape[1], 1))), 0, 1)
+    out = [x0, current]
+    while len(out) < n:
+        side = int(rng.integers(2, 8))
+        top, left = rng.integers(0, x0.shape[0] - side, size=2)
+        candidate = current.copy()
+        delta = 2 * epsilon * np.sign(rng.normal())
+        candidate[top : top + side, left : left + side] = np.clip(
+            x0[top : top + side, left : left + side] + delta / 2, 0, 1
+        )
+        out.append(candidate)
+        if rng.random() < 0.5:
+            current = candidate
+    return np.stack(out).astype(np.float32)
+
+
+def copycat_like(digits: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Out-of-domain digits: rotated by 90/180/270°, half mirrored, half inverted."""
+    out = []
+    for image in digits:
+        image = np.rot90(image, k=int(rng.integers(1, 4)), axes=(0, 1))
+        if rng.random() < 0.5:
+            image = image[:, ::-1]
+        out.append(1.0 - image if rng.random() < 0.5 else image)
+    return np.stack(out).astype(np.float32)
+
+
+@pytest.mark.parametrize("digit", [0, 1, 2])
+async def test_square_like_probing_is_flagged_by_ood_rate_within_25_queries(digit, world):
+    queries = square_like(world.mnist.x_test[digit], np.random.default_rng(digit), n=200)
+    detected = await detection_in_batches(world.suite.monitors["ood_rate"], world.batches(queries))
+    assert detected is not None and detected <= 25, detected
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+async def test_out_of_domain_digits_are_flagged_by_ood_rate_within_25_queries(seed, world):
+    rng = np.random.default_rng(seed)
+    digits = world.mnist.x_test[rng.choice(len(world.mnist.x_test), 200, replace=False)]
+    queries = copycat_like(digits, rng)
+    detected = await detection_in_batches(world.suite.monitors["ood_rate"], world.batches(queries, 5))
+    assert detected is not None and detected <= 25, detected
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+async def test_papernot_like_augmentation_is_flagged_by_ood_rate_within_50_queries(seed, world):
+    rng = np.random.default_rng(seed)
+    seeds = world.mnist.x_validation[rng.choice(len(world.mnist.x_validation), 10, replace=False)]
+    queries = jbda_like(seeds, rng, n=640)
+    detected = await detection_in_batches(world.suite.monitors["ood_rate"], world.batches(queries))
+    assert detected is not None and detected <= 50, detected
