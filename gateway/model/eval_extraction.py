@@ -140,8 +140,9 @@ EPOCH_SAMPLES = 10_000
 MIN_EPOCHS, MAX_EPOCHS = 4, 20
 FIT_BATCH = 64
 LEARNING_RATE = 1e-3
-# The default condition's monitors: calibrated at this FPR per benign client; smaller for --quick.
-MONITOR_FPR = 0.01
+# The default condition's monitors: calibrated at this FPR per benign client, the default of
+# `tfshield calibrate --monitors-fpr`; --quick replays fewer, shorter benign sequences.
+MONITOR_FPR = 0.001
 QUICK_SEQUENCES: dict[str, Any] = {
     "n_random": 12,
     "n_heavy": 2,
