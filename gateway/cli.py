@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
 
 GRPC_EXPERIMENTS = "-event_engine_client,-event_engine_listener,-event_engine_for_all_other_endpoints"
@@ -56,8 +57,18 @@ def main(argv: list[str] | None = None) -> int:
         # `tfshield bench`. Experimental gRPC switches: set GRPC_EXPERIMENTS
         # yourself to override (an empty value keeps gRPC's defaults).
         os.environ.setdefault("GRPC_EXPERIMENTS", GRPC_EXPERIMENTS)
+    elif name in ("eval", "calibrate"):
+        # These start child servers and stop them in ``finally`` blocks; Python's
+        # default SIGTERM kills without running them, orphaning the children.
+        # Exit through SystemExit instead (``serve`` and ``model-server`` drain
+        # on SIGTERM themselves; ``demo`` and ``bench`` set their own handlers).
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     module = importlib.import_module(SUBCOMMANDS[name][0])
     return int(module.main(rest) or 0)
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 if __name__ == "__main__":

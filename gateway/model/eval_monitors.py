@@ -7,7 +7,7 @@ Steps (progress is printed; a full run takes about 10–15 minutes on 2 CPU core
 2. The per-client monitors are calibrated once with
    :func:`~gateway.model.calibrate.calibrate_monitor_suite` against a model
    server, on benign sequences drawn from the *calibration* split, and cached
-   in ``--out/suite`` (reused while its ``monitors.json`` exists).
+   in ``--out/suite`` (reused while its ``monitors.json`` lists today's default monitors).
 3. A model server and ONE gateway in front of it: monitors on the memory
    store, the control API (bearer token), and a policy that only records: the
    built-in default policy with its ladder in shadow mode, so no attack is
@@ -925,9 +925,10 @@ def evaluate(
             "model-server",
         )
         servers.append(server)
-        if (suite_dir / "monitors.json").exists():
+        if _cached_suite_is_current(suite_dir):
             log(f"[2/6] monitor suite: cached in {suite_dir}")
         else:
+            shutil.rmtree(suite_dir, ignore_errors=True)
             log(
                 "[2/6] calibrating the monitors on the calibration split "
                 f"(target FPR {target_fpr} per client)"
@@ -1028,6 +1029,17 @@ def evaluate(
     shutil.rmtree(run_dir, ignore_errors=True)
     shutil.rmtree(models, ignore_errors=True)
     return report
+
+
+def _cached_suite_is_current(suite_dir: Path) -> bool:
+    """True when ``suite_dir`` holds a suite of exactly today's default monitors (else recalibrate)."""
+    from detectors.monitor_calibration import DEFAULT_MONITORS
+
+    try:
+        meta = json.loads((suite_dir / "monitors.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return meta.get("monitors") == list(DEFAULT_MONITORS)
 
 
 def _metrics(port: int) -> dict[str, float]:

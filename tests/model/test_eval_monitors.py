@@ -50,3 +50,51 @@ def test_quick_run_reports_every_attack_and_benign_population(model_cache_dir: P
     assert json.loads((tmp_path / "monitors_eval.json").read_text())["quick"] is True
     assert (tmp_path / "monitors_eval.md").read_text().startswith("# tfshield eval monitors")
     assert (tmp_path / "risk_over_queries.png").stat().st_size > 0
+
+
+def test_a_cached_suite_is_reused_only_when_it_holds_the_default_monitors(tmp_path: Path) -> None:
+    from detectors.monitor_calibration import DEFAULT_MONITORS
+    from gateway.model.eval_monitors import _cached_suite_is_current
+
+    assert not _cached_suite_is_current(tmp_path)
+    (tmp_path / "monitors.json").write_text(json.dumps({"monitors": list(DEFAULT_MONITORS)[:-1]}))
+    assert not _cached_suite_is_current(tmp_path)
+    (tmp_path / "monitors.json").write_text(json.dumps({"monitors": list(DEFAULT_MONITORS)}))
+    assert _cached_suite_is_current(tmp_path)
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_servers_the_evaluation_started(model_cache_dir: Path, tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import time
+
+    import psutil
+
+    from tests.procs import REPO, tfshield_argv
+
+    out = tmp_path / "out"
+    argv = tfshield_argv("eval", "monitors", "--quick", "--cache-dir", str(model_cache_dir), "--out", str(out))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        children: list[psutil.Process] = []
+        # Wait for the gateway, the second server it starts.
+        while time.monotonic() < deadline and not (out / "run" / "gateway.ready.json").exists():
+            assert proc.poll() is None, "the evaluation exited before starting its servers"
+            time.sleep(0.2)
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert len(children) >= 2, children
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+        gone, alive = psutil.wait_procs(children, timeout=30)
+        assert alive == [], f"still running after the evaluation exited: {alive}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for child in children:  # never leave a server behind, even when the test fails
+            if child.is_running():
+                child.kill()
