@@ -75,7 +75,8 @@ def test_sigterm_stops_the_servers_the_evaluation_started(model_cache_dir: Path,
     from tests.procs import REPO, tfshield_argv
 
     out = tmp_path / "out"
-    argv = tfshield_argv("eval", "monitors", "--quick", "--cache-dir", str(model_cache_dir), "--out", str(out))
+    cache = str(model_cache_dir)
+    argv = tfshield_argv("eval", "monitors", "--quick", "--cache-dir", cache, "--out", str(out))
     env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
     proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
