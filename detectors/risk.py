@@ -14,7 +14,10 @@ already summarise the whole sequence, so the risk is not accumulated query by
 query (that would make volume alone raise it). Rate-limit results carry no
 risk.
 
-Storage: ``tfs:risk:<client>`` holds (risk, time) as 16 bytes, and the sorted
+Storage: ``tfs:risk:<client>`` holds (risk, time) as 16 bytes; beside it,
+``tfs:riskm:<client>`` holds the monitor risks of the request that last raised
+the client's risk (why it is where it is; :meth:`ClientRisk.monitor_risks`),
+written with it and decayed like it. The sorted
 set ``tfs:risk`` lists clients for ``ListClients``. Its score is
 ``log2(risk) + time / half_life_s``: the risk decayed to any common instant
 is ``2 ** (score − now / half_life_s)``, a monotone function of the score, so
@@ -40,6 +43,8 @@ __all__ = ["ClientRisk", "RISK_SET"]
 
 RISK_SET = "tfs:risk"
 _RECORD = struct.Struct("<dd")  # risk, time (s)
+_MONITOR_RISK = struct.Struct("<f")  # after a one-byte name length and the name
+MAX_MONITORS_RECORDED = 32
 
 
 class ClientRisk:
@@ -76,6 +81,10 @@ class ClientRisk:
     @staticmethod
     def key(client: str) -> str:
         return f"tfs:risk:{client}"
+
+    @staticmethod
+    def monitors_key(client: str) -> str:
+        return f"tfs:riskm:{client}"
 
     def decayed(self, risk: float, since: float, now: float) -> float:
         return risk * 0.5 ** (max(0.0, now - since) / self.half_life_s)
@@ -123,9 +132,26 @@ class ClientRisk:
         if risk > previous or blob is None or previous == 0.0:
             # Only a rise needs writing: an unchanged record decays by itself.
             ttl_s = min(self.max_ttl_s, self.half_life_s * math.log2(risk / self.track_min_risk) + 1.0)
-            await store.set_many([(key, _RECORD.pack(risk, now))], ttl_s)
+            record = _RECORD.pack(risk, now)
+            await store.set_many(
+                [(key, record), (self.monitors_key(client), record + _pack_monitor_risks(results))], ttl_s
+            )
             await store.zadd(RISK_SET, client, math.log2(risk) + now / self.half_life_s)
         return risk
+
+    async def monitor_risks(self, store: Store, client: str, now: float) -> dict[str, float]:
+        """The monitor risks behind the client's current risk, decayed like it ({} when unknown)."""
+        (blob,) = await store.get_many([self.monitors_key(client)])
+        if blob is None or len(blob) < _RECORD.size:
+            return {}
+        risks = _unpack_monitor_risks(blob[_RECORD.size :])
+        if risks is None:
+            self.corrupt_records_total += 1
+            return {}
+        _, since = _RECORD.unpack(blob[: _RECORD.size])
+        if not math.isfinite(since):
+            return {}
+        return {name: self.decayed(risk, since, now) for name, risk in risks.items()}
 
     async def top(
         self, store: Store, limit: int, min_risk: float = 0.0, now: float | None = None
@@ -139,5 +165,37 @@ class ClientRisk:
 
     async def reset(self, store: Store, client: str) -> None:
         """Forget the client's risk (its monitors' state is reset separately)."""
-        await store.delete([self.key(client)])
+        await store.delete([self.key(client), self.monitors_key(client)])
         await store.zrem(RISK_SET, client)
+
+
+def _pack_monitor_risks(results: Iterable[MonitorResult]) -> bytes:
+    """Each monitor's risk as (name length, name, float32); rate limits carry none."""
+    out = bytearray()
+    for result in list(results)[:MAX_MONITORS_RECORDED]:
+        if result.rate_limited or not math.isfinite(result.risk):
+            continue
+        name = result.monitor.encode()[:255]
+        out += bytes([len(name)]) + name + _MONITOR_RISK.pack(min(1.0, max(0.0, result.risk)))
+    return bytes(out)
+
+
+def _unpack_monitor_risks(blob: bytes) -> dict[str, float] | None:
+    """The inverse of :func:`_pack_monitor_risks`; None when the bytes do not parse."""
+    risks: dict[str, float] = {}
+    at = 0
+    while at < len(blob):
+        length = blob[at]
+        end = at + 1 + length + _MONITOR_RISK.size
+        if end > len(blob) or len(risks) >= MAX_MONITORS_RECORDED:
+            return None
+        try:
+            name = blob[at + 1 : at + 1 + length].decode()
+        except UnicodeDecodeError:
+            return None
+        (risk,) = _MONITOR_RISK.unpack(blob[at + 1 + length : end])
+        if not 0.0 <= risk <= 1.0:
+            return None
+        risks[name] = float(risk)
+        at = end
+    return risks

@@ -192,6 +192,10 @@ class ClientRiskView:
     async def top(self, store: Store, limit: int, min_risk: float = 0.0):
         return await self.risk.top(store, limit, min_risk)
 
+    async def describe(self, store: Store, client: str, now: float) -> dict[str, dict[str, float]]:
+        """What GetClient shows beside the risk: the monitor risks behind it."""
+        return {"monitor_risk": await self.risk.monitor_risks(store, client, now)}
+
     async def reset(self, store: Store, client: str) -> bool:
         existed = await self.risk.get(store, client, time.time()) > 0
         await self.risk.reset(store, client)

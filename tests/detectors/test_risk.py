@@ -122,3 +122,34 @@ def test_bad_settings_are_refused_with_the_reason():
         ClientRisk(half_life_s=0)
     with pytest.raises(DetectorError, match="combine must be 'max' or 'noisy_or'"):
         ClientRisk(combine="mean")  # type: ignore[arg-type]
+
+
+async def test_the_monitor_risks_behind_a_rise_are_kept_and_decay_with_it(store_factory):
+    store = store_factory()
+    risk = ClientRisk(half_life_s=600.0)
+    assert await risk.monitor_risks(store, "alice", T0) == {}
+    results = [result("knn", 0.8), result("ood_rate", 0.3), result("rate_limit", 0.0, rate_limited=True)]
+    assert await risk.update(store, "alice", results, T0) == pytest.approx(0.8)
+    assert await risk.monitor_risks(store, "alice", T0) == pytest.approx({"knn": 0.8, "ood_rate": 0.3})
+    # A lower request does not replace the record; both decay together.
+    await risk.update(store, "alice", [result("prada", 0.1)], T0 + 600.0)
+    later = await risk.monitor_risks(store, "alice", T0 + 600.0)
+    assert later == pytest.approx({"knn": 0.4, "ood_rate": 0.15})
+    assert max(later.values()) == pytest.approx(await risk.get(store, "alice", T0 + 600.0))
+    # A new rise replaces it.
+    await risk.update(store, "alice", [result("prada", 0.9)], T0 + 600.0)
+    assert await risk.monitor_risks(store, "alice", T0 + 600.0) == pytest.approx({"prada": 0.9})
+    await risk.reset(store, "alice")
+    assert await risk.monitor_risks(store, "alice", T0 + 600.0) == {}
+
+
+async def test_a_corrupt_monitor_record_reads_as_unknown_and_is_counted():
+    store = MemoryStore()
+    risk = ClientRisk()
+    await risk.update(store, "alice", [result("knn", 0.8)], T0)
+    (blob,) = await store.get_many([risk.monitors_key("alice")])
+    assert blob is not None
+    await store.set_many([(risk.monitors_key("alice"), blob[:-2])], 60.0)  # truncated
+    assert await risk.monitor_risks(store, "alice", T0) == {}
+    assert risk.corrupt_records_total == 1
+    assert await risk.get(store, "alice", T0) == pytest.approx(0.8)  # the risk itself is intact

@@ -21,6 +21,7 @@ import tensorflow as tf
 from prometheus_client.parser import text_string_to_metric_families
 from tensorflow_serving.apis import predict_pb2
 
+from detectors.monitor_calibration import DEFAULT_MONITORS
 from protos import control_pb2
 from tests.gateway.conftest import PREDICT, start_gateway
 from tests.procs import Proc
@@ -142,6 +143,15 @@ def test_probing_client_is_flagged_and_benign_client_is_not(
             grpc.StatusCode.PERMISSION_DENIED,
         }
         assert by_client.get("peer:127.0.0.1", 0.0) < FLAGGED
+        # GetClient says which monitors put the client where it is (max combination: the largest is its risk).
+        (attacker,) = [c for c in by_client if c.startswith("key:")]
+        state = control(
+            proc, "GetClient", control_pb2.GetClientRequest(client_id=attacker), control_pb2.ClientState
+        )
+        assert set(state.monitor_risk) <= set(DEFAULT_MONITORS), state
+        assert state.monitor_risk.get("rate_limit", 0.0) == 0.0  # volume is never risk
+        assert max(state.monitor_risk.values()) == pytest.approx(state.risk, rel=1e-3)
+        assert state.risk >= FLAGGED
         assert metric(proc, "tfshield_monitor_flags_total") > 0
         assert metric(proc, "tfshield_client_risk_count") >= 120
     finally:
