@@ -195,6 +195,7 @@ class Trace:
     queries_at_flag: int | None = None
     flagging_monitors: list[str] = field(default_factory=list)
     max_risk: float = 0.0
+    max_risk_monitor: str | None = None  # the monitor with the largest risk when the client's risk peaked
     risk_points: list[tuple[int, float]] = field(default_factory=list)  # (queries so far, risk)
     started_s: float = 0.0
     elapsed_s: float = 0.0
@@ -207,7 +208,10 @@ class Trace:
     def record(self, risk: float, monitor_risk: dict[str, float]) -> bool:
         """Note the risk after a call; True on the first flag."""
         self.risk_points.append((self.queries, risk))
-        self.max_risk = max(self.max_risk, risk)
+        if risk > self.max_risk:
+            self.max_risk = risk
+            if monitor_risk:
+                self.max_risk_monitor = max(monitor_risk, key=lambda m: monitor_risk[m])
         if risk >= FLAG_RISK and self.queries_at_flag is None:
             self.queries_at_flag = self.queries
             self.flagging_monitors = sorted(m for m, r in monitor_risk.items() if r >= FLAG_RISK)
@@ -1103,6 +1107,8 @@ def build_report(
                 "progress_at_flag": r.progress_at_flag,
                 "progress_final": r.progress_final,
                 "output_defences_agreement": r.defended,
+                "max_risk": max((t.max_risk for t in r.traces), default=0.0),
+                "max_risk_monitor": _peak_monitor(r.traces),
                 "quota_min_time_s": (
                     max(0.0, (max(t.queries for t in r.traces) - 2000) / 200.0) if r.traces else None
                 ),
@@ -1126,12 +1132,25 @@ def build_report(
                 "queries_median": float(np.median([t.queries for t in traces])) if traces else 0,
                 "queries_max": max((t.queries for t in traces), default=0),
                 "max_risk": max((t.max_risk for t in traces), default=0.0),
+                "max_risk_monitor": _peak_monitor(traces),
                 "rate_limited_calls": sum(t.rate_limited for t in traces),
             }
     n_benign = sum(b["clients"] for b in benign.values())
     n_flagged = sum(b["flagged"] for b in benign.values())
     evasion = [a for a in attacks if a["family"] == "evasion"]
     extraction = [a for a in attacks if a["family"] == "extraction"]
+    # An attack never flagged is measured against the benign clients: if its peak risk is no higher
+    # than theirs, these monitors cannot tell it from benign use by its queries (issue 6 asks to say so).
+    benign_peak = max((b["max_risk"] for b in benign.values()), default=0.0)
+    undetected = {
+        a["attack"]: {
+            "max_risk": a["max_risk"],
+            "benign_max_risk": benign_peak,
+            "indistinguishable": a["max_risk"] <= benign_peak,
+        }
+        for a in attacks
+        if not a["detected"]
+    }
     goals = {
         "every_attack_detected": all(a["detected"] for a in attacks),
         "evasion_median_queries_le_50": bool(evasion) and all(a["goal_met"] for a in evasion),
@@ -1148,9 +1167,31 @@ def build_report(
         "benign": benign,
         "benign_total": {"clients": n_benign, "flagged": n_flagged, "errors": crowd.errors if crowd else []},
         "goals": goals,
+        "undetected": undetected,
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
         "gateway_metrics": metrics,
     }
+
+
+def _peak_monitor(traces: list[Trace]) -> str | None:
+    """The monitor behind the highest risk any of ``traces`` reached."""
+    peak = max(traces, key=lambda t: t.max_risk, default=None)
+    return peak.max_risk_monitor if peak is not None else None
+
+
+def _undetected_lines(report: dict[str, Any]) -> list[str]:
+    lines = []
+    for attack, u in report.get("undetected", {}).items():
+        verdict = (
+            "no higher than a benign client's: these monitors cannot tell it from benign use"
+            if u["indistinguishable"]
+            else "above every benign client's, below the flag line"
+        )
+        lines.append(
+            f"{attack}: never flagged; peak risk {u['max_risk']:.3f} vs benign peak "
+            f"{u['benign_max_risk']:.3f}, {verdict}"
+        )
+    return lines
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -1170,14 +1211,16 @@ def format_table(report: dict[str, Any]) -> str:
     lines.append("")
     lines.append(
         f"{'benign population':<20} {'clients':>8} {'flagged':>8} "
-        f"{'queries (median/max)':>22} {'max risk':>9}"
+        f"{'queries (median/max)':>22} {'max risk':>9} {'by':<14}"
     )
     for kind, b in report["benign"].items():
         lines.append(
             f"{kind:<20} {b['clients']:>8} {b['flagged']:>8} "
-            f"{b['queries_median']:>12.0f}/{b['queries_max']:<9} {b['max_risk']:>9.3f}"
+            f"{b['queries_median']:>12.0f}/{b['queries_max']:<9} {b['max_risk']:>9.3f} "
+            f"{b.get('max_risk_monitor') or '-':<14}"
         )
     lines.append("")
+    lines += _undetected_lines(report)
     lines.append("goals: " + ", ".join(f"{k}={'yes' if v else 'NO'}" for k, v in report["goals"].items()))
     return "\n".join(lines)
 
@@ -1194,8 +1237,8 @@ def markdown(report: dict[str, Any]) -> str:
         "digits, of a substitute trained on the attacker's answers so far.",
         "",
         "| attack | detected | queries to first flag | median | progress at flag | at end | queries sent | "
-        "flagging monitors | output defences (agreement) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "flagging monitors | peak risk (monitor) | output defences (agreement) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for a in report["attacks"]:
         rows.append(
@@ -1204,18 +1247,23 @@ def markdown(report: dict[str, Any]) -> str:
             f"{_num(a['median_queries_to_flag'], 0)} | {', '.join(_num(p) for p in a['progress_at_flag'])} | "
             f"{', '.join(_num(p) for p in a['progress_final'])} | {', '.join(map(str, a['queries_sent']))} | "
             f"{', '.join(a['flagging_monitors']) or '-'} | "
+            f"{a['max_risk']:.3f} ({a['max_risk_monitor'] or '-'}) | "
             f"{', '.join(f'{k} {v:.2f}' for k, v in a['output_defences_agreement'].items()) or '-'} |"
         )
     rows += [
         "",
-        "| benign population | clients | ever flagged | queries median / max | max risk |",
+        "| benign population | clients | ever flagged | queries median / max | max risk (monitor) |",
         "|---|---|---|---|---|",
     ]
     for kind, b in report["benign"].items():
         rows.append(
             f"| {kind} | {b['clients']} | {b['flagged']} | {b['queries_median']:.0f} / {b['queries_max']} | "
-            f"{b['max_risk']:.3f} |"
+            f"{b['max_risk']:.3f} ({b.get('max_risk_monitor') or '-'}) |"
         )
+    undetected = _undetected_lines(report)
+    if undetected:
+        rows += ["", "Attacks never flagged, against the benign clients:", ""]
+        rows += [f"- {line}" for line in undetected]
     rows += ["", "Goals:", ""]
     rows += [f"- {k}: {'yes' if v else '**no**'}" for k, v in report["goals"].items()]
     rows += ["", f"Timings (s): {report['timings_s']}", "", "![risk over queries](risk_over_queries.png)", ""]

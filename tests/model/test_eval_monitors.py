@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from detectors.monitor_calibration import DEFAULT_MONITORS
 from gateway.model.eval_monitors import (
     EVASION,
     EXTRACTION,
@@ -40,10 +41,17 @@ def test_unknown_attack_names_the_known_ones(capsys: pytest.CaptureFixture[str])
 def test_quick_run_reports_every_attack_and_benign_population(model_cache_dir: Path, tmp_path: Path) -> None:
     report = evaluate(tmp_path, model_cache_dir, quick=True, log=lambda line: None)
     assert [a["attack"] for a in report["attacks"]] == list(EVASION + EXTRACTION)
+    monitors = set(DEFAULT_MONITORS)
     for attack in report["attacks"]:
         assert attack["clients"] >= 1 and not attack["errors"], attack
         assert len(attack["queries_to_flag"]) == attack["clients"] == len(attack["progress_at_flag"])
         assert max(attack["queries_sent"]) > 0
+        # Who flagged it, and what its risk peaked at, come from the control API's GetClient.
+        if attack["clients_flagged"]:
+            assert set(attack["flagging_monitors"]) and set(attack["flagging_monitors"]) <= monitors
+        if attack["max_risk"] > 0:
+            assert attack["max_risk_monitor"] in monitors
+        assert (attack["attack"] in report["undetected"]) == (not attack["detected"])
     assert set(report["benign"]) == {"random", "heavy", "resend"}
     assert report["benign"]["heavy"]["queries_max"] == report["budget"]["extraction_queries"]
     assert set(report["goals"]) >= {"every_attack_detected", "no_benign_client_flagged"}
