@@ -3,7 +3,7 @@
 Importing this package registers every detector by name (``detectors.base.REGISTRY``).
 """
 
-from detectors import autoencoder, mahalanobis, squeeze, validation  # noqa: F401  (registers them)
+from detectors import autoencoder, mahalanobis, margin, squeeze, validation  # noqa: F401  (registers them)
 from detectors.base import REGISTRY, Detection, Detector, detector_class
 
 __all__ = ["REGISTRY", "Detection", "Detector", "detector_class"]

@@ -55,7 +55,7 @@ import numpy as np
 
 from detectors.base import Detector, DetectorError, Predictor, register
 
-__all__ = ["SQUEEZERS", "FeatureSqueezing", "median_filter", "reduce_bit_depth"]
+__all__ = ["SQUEEZERS", "FeatureSqueezing", "median_filter", "probabilities_of", "reduce_bit_depth"]
 
 
 def reduce_bit_depth(x: np.ndarray, bits: int, value_range: tuple[float, float] = (0.0, 1.0)) -> np.ndarray:
@@ -127,6 +127,13 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max(axis=1, keepdims=True)
     exp = np.exp(shifted)
     return exp / exp.sum(axis=1, keepdims=True)
+
+
+def probabilities_of(output: np.ndarray, softmax: bool = False) -> np.ndarray:
+    """A model output as (n, classes) float64 rows; softmax of them when they hold logits."""
+    out = np.asarray(output, dtype=np.float64)
+    out = out.reshape(len(out), -1)
+    return _softmax(out) if softmax else out
 
 
 @register
@@ -224,9 +231,7 @@ class FeatureSqueezing(Detector):
         return scores
 
     def _probabilities(self, output: np.ndarray) -> np.ndarray:
-        out = np.asarray(output, dtype=np.float64)
-        out = out.reshape(len(out), -1)
-        return _softmax(out) if self.softmax else out
+        return probabilities_of(output, self.softmax)
 
     # -- estimator -------------------------------------------------------------------
 

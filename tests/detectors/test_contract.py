@@ -41,6 +41,7 @@ CASES: dict[str, Callable[[], Detector]] = {
     "mahalanobis": lambda: REGISTRY["mahalanobis"](),
     "feature_squeezing": lambda: REGISTRY["feature_squeezing"](),
     "autoencoder": lambda: REGISTRY["autoencoder"](),
+    "margin": lambda: REGISTRY["margin"](),
 }
 
 
@@ -117,7 +118,9 @@ def test_score_is_one_finite_float64_per_benign_sample(name, calibrated, mnist, 
     assert np.all(np.isfinite(scores))
 
 
-@pytest.mark.parametrize("name", NAMES)
+# The margin detector reads the model's confidence, and a model is often confident on noise: it is
+# for inputs at the decision boundary instead (tests/detectors/test_margin.py).
+@pytest.mark.parametrize("name", [n for n in NAMES if n != "margin"])
 def test_noise_scores_higher_than_benign(name, calibrated, mnist, predictor):
     detector = calibrated[name]
     benign = detector.score(mnist.x_test[:200], predictor)
