@@ -34,7 +34,7 @@ from __future__ import annotations
 import numpy as np
 
 from detectors.base import Detector, DetectorError, Predictor, register
-from detectors.squeeze import probabilities_of
+from detectors.squeeze import check_probabilities, probabilities_of
 
 __all__ = ["MarginDetector"]
 
@@ -82,13 +82,7 @@ class MarginDetector(Detector):
         if predictor is None:
             raise DetectorError("margin: reads the protected model's output; pass a predictor")
         probs = probabilities_of(predictor("", x_ref[:8]), self.softmax)
-        sums = probs.sum(axis=1)
-        if probs.min() < -1e-6 or probs.max() > 1 + 1e-6 or np.abs(sums - 1).max() > 1e-3:
-            raise DetectorError(
-                f"margin: output '{self.output}' does not look like probabilities (rows sum to "
-                f"{sums.min():.4g}..{sums.max():.4g}); set softmax=True if it holds logits"
-            )
-        self.n_classes_ = int(probs.shape[1])
+        self.n_classes_ = check_probabilities(probs, self.name, self.output)
 
     def _scalars(self) -> dict[str, float | int | str]:
         return {"n_classes_": self.n_classes_}

@@ -55,7 +55,14 @@ import numpy as np
 
 from detectors.base import Detector, DetectorError, Predictor, register
 
-__all__ = ["SQUEEZERS", "FeatureSqueezing", "median_filter", "probabilities_of", "reduce_bit_depth"]
+__all__ = [
+    "SQUEEZERS",
+    "FeatureSqueezing",
+    "check_probabilities",
+    "median_filter",
+    "probabilities_of",
+    "reduce_bit_depth",
+]
 
 
 def reduce_bit_depth(x: np.ndarray, bits: int, value_range: tuple[float, float] = (0.0, 1.0)) -> np.ndarray:
@@ -134,6 +141,21 @@ def probabilities_of(output: np.ndarray, softmax: bool = False) -> np.ndarray:
     out = np.asarray(output, dtype=np.float64)
     out = out.reshape(len(out), -1)
     return _softmax(out) if softmax else out
+
+
+def check_probabilities(probs: np.ndarray, detector: str, output: str) -> int:
+    """Raise unless ``probs`` rows look like probability vectors; returns their width (classes).
+
+    Detectors that read the model's output check a few samples at fit time, so a
+    logits output fails there and not as silently meaningless scores.
+    """
+    sums = probs.sum(axis=1)
+    if probs.min() < -1e-6 or probs.max() > 1 + 1e-6 or np.abs(sums - 1).max() > 1e-3:
+        raise DetectorError(
+            f"{detector}: output '{output}' does not look like probabilities (rows sum to "
+            f"{sums.min():.4g}..{sums.max():.4g}); set softmax=True if it holds logits"
+        )
+    return int(probs.shape[1])
 
 
 @register
@@ -241,14 +263,7 @@ class FeatureSqueezing(Detector):
         # and not as silently meaningless scores.
         sample = x_ref[:8]
         outputs = self._predict(sample, predictor)
-        probs = self._probabilities(outputs[0])
-        sums = probs.sum(axis=1)
-        if probs.min() < -1e-6 or probs.max() > 1 + 1e-6 or np.abs(sums - 1).max() > 1e-3:
-            raise DetectorError(
-                f"feature_squeezing: output '{self.output}' does not look like probabilities (rows sum to "
-                f"{sums.min():.4g}..{sums.max():.4g}); set softmax=True if it holds logits"
-            )
-        self.n_classes_ = int(probs.shape[1])
+        self.n_classes_ = check_probabilities(self._probabilities(outputs[0]), self.name, self.output)
 
     def _scalars(self) -> dict[str, float | int | str]:
         return {"n_classes_": self.n_classes_}
