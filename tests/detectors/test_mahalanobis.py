@@ -18,13 +18,14 @@ machine took 3–7 ms (threads fighting over cores); run the gateway with
 
 from __future__ import annotations
 
+import threading
 import timeit
 
 import numpy as np
 import pytest
 
 from detectors.base import DetectorError
-from detectors.mahalanobis import MahalanobisDetector
+from detectors.mahalanobis import MahalanobisDetector, mahalanobis_scores
 from detectors.validation import InputValidator
 
 
@@ -87,6 +88,63 @@ def test_nan_scores_infinite(detector, mnist):
     scores = detector.score(batch)
     assert np.isfinite(scores[0])
     assert scores[1] == np.inf
+
+
+def test_nan_and_inf_score_infinite_in_a_batch_scored_in_reused_scratch(detector, mnist):
+    batch = mnist.x_test[:40].copy()
+    batch[5, 3, 3, 0] = np.nan
+    batch[30, 10, 10, 0] = np.inf
+    batch[31, 0, 0, 0] = -np.inf
+    with np.errstate(invalid="ignore"):  # inf - inf on the way, as before scratch was reused
+        scores = detector.score(batch)
+    assert scores[[5, 30, 31]].tolist() == [np.inf] * 3
+    assert np.isfinite(np.delete(scores, [5, 30, 31])).all()
+
+
+def learned(detector: MahalanobisDetector) -> tuple[np.ndarray, ...]:
+    return detector.mean_, detector.components_, detector.component_weights_, detector.residual_weights_
+
+
+@pytest.mark.parametrize("batch", [1, 2, 20, 21, 64, 32, 257])
+def test_scores_from_reused_scratch_equal_the_allocating_function(detector, mnist, batch):
+    """Batches from 21 MNIST samples up are scored in per-thread scratch, grown as batches grow."""
+    x = np.concatenate([mnist.x_test, mnist.x_test])[:batch]
+    expected = mahalanobis_scores(x.reshape(batch, -1).astype(np.float64), *learned(detector))
+    np.testing.assert_allclose(detector.score(x), expected, rtol=1e-12)
+
+
+def test_threads_scoring_at_once_do_not_share_scratch(detector, mnist):
+    """The gateway scores small batches on its event loop and large ones in a worker thread."""
+    batches = [mnist.x_test[i * 40 : (i + 1) * 40] for i in range(4)]
+    expected = [detector.score(b) for b in batches]
+    results: dict[int, list[np.ndarray]] = {}
+
+    def work(i: int) -> None:
+        results[i] = [detector.score(batches[i]) for _ in range(30)]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for i, scores in results.items():
+        for got in scores:
+            np.testing.assert_array_equal(got, expected[i])
+
+
+def test_refitting_or_loading_scores_with_the_new_arrays(mnist, tmp_path):
+    first = MahalanobisDetector(n_components=5).fit(mnist.x_train[:500]).calibrate(mnist.x_validation, 0.05)
+    x = mnist.x_test[:30]
+    first.score(x)  # builds the cached scorer from the first fit
+    first.fit(mnist.x_train[500:1000])
+    expected = mahalanobis_scores(x.reshape(30, -1).astype(np.float64), *learned(first))
+    np.testing.assert_allclose(first.score(x), expected, rtol=1e-12)
+
+    other = MahalanobisDetector(n_components=8).fit(mnist.x_train[:300]).calibrate(mnist.x_validation, 0.05)
+    first.calibrate(mnist.x_validation, 0.05).save(tmp_path / "first")
+    other.save(tmp_path / "other")
+    loaded = MahalanobisDetector.load(tmp_path / "other")
+    np.testing.assert_array_equal(loaded.score(x), other.score(x))
 
 
 def test_samples_of_another_size_are_refused(detector):
