@@ -58,6 +58,7 @@ state: two float32 counts and a time per client.
 from __future__ import annotations
 
 import math
+from typing import Self
 
 import numpy as np
 
@@ -175,6 +176,19 @@ class OodRate(Monitor):
         self.query_threshold_ = threshold_at_fpr(finite, self.query_fpr)
         # The benign rate as measured (ties can make it smaller than query_fpr), never 0.
         self.null_rate_ = float(max(np.mean(scores > self.query_threshold_), 1.0 / scores.size))
+
+    def calibrate_batches(self, batches: list[list[QueryBatch]], fpr: float) -> Self:
+        """The replay's threshold, but never below ``ln(1 / fpr)`` nats.
+
+        By the Chernoff bound a client with the benign rate reaches a surprise
+        of ``t`` after any given number of queries with probability at most
+        ``e^-t``, so that floor keeps each look's false alarms under ``fpr``
+        when the benign replay is too short to show any off query (a threshold
+        near 0 would flag a client for one odd input).
+        """
+        super().calibrate_batches(batches, fpr)
+        self.threshold_ = max(self.threshold_, math.log(1.0 / fpr))
+        return self
 
     async def observe(self, store: Store, client: str, batch: QueryBatch, now: float) -> MonitorResult:
         if not hasattr(self, "query_threshold_"):

@@ -94,3 +94,20 @@ def test_a_saved_monitor_reloads_with_the_same_query_threshold(world, tmp_path):
     assert run_sync(loaded.observe(MemoryStore(), "a", world.batches(x[:4], 4)[0], 0.0)) == run_sync(
         m.observe(MemoryStore(), "a", world.batches(x[:4], 4)[0], 0.0)
     )
+
+
+def test_a_replay_too_short_to_show_off_queries_still_gets_the_chernoff_floor(world):
+    m = OodRate().fit(world.mnist.x_train)
+    # Five benign clients of ten ordinary digits each: no off query to learn a threshold from.
+    sequences = [world.batches(world.mnist.x_validation[i * 10 : (i + 1) * 10]) for i in range(5)]
+    m.calibrate_batches(sequences, 0.05)
+    assert m.threshold_ == pytest.approx(math.log(1 / 0.05))
+    # One odd input among digits does not flag a client; a run of them does.
+    store = MemoryStore()
+    noise = np.random.default_rng(3).uniform(0, 1, (1, 28, 28, 1)).astype(np.float32)
+    (odd,) = world.batches(noise)
+    assert not run_sync(m.observe(store, "alice", odd, 0.0)).flagged
+    for i, batch in enumerate(world.batches(world.mnist.x_test[:20])):
+        assert not run_sync(m.observe(store, "alice", batch, 1.0 + i)).flagged
+    flagged = [run_sync(m.observe(store, "mallory", odd, 30.0 + i)).flagged for i in range(4)]
+    assert flagged[-1]
