@@ -11,9 +11,12 @@ nobody waits for a batch that cannot grow, so batching costs nothing at low
 load and gathers more the busier the gateway is.
 
 A batch of at most ``inline_max_samples`` samples is scored on the event loop
-itself: handing it to the worker thread and back costs ~50 µs, more than
-scoring a few samples does (validation and Mahalanobis take ~25 µs for one), so
-a thread pays only where batching has gathered enough work to be worth it.
+itself: handing it to the worker thread and back costs ~60-170 µs in process and
+0.6-1 ms of p50 in the gateway under load (the thread must win a core and the
+GIL), more than scoring 32 MNIST samples does (~170 µs for validation and
+Mahalanobis), so a thread pays only where batching under concurrency has
+gathered more than that. Scoring inline blocks the loop for as long
+(``DetectionConfig.inline_max_samples``, default 32, says why).
 
 The queue is bounded in samples. ``submit`` on a full queue raises
 :class:`QueueFull` at once (the caller applies the failure policy); it never

@@ -105,3 +105,13 @@ async def test_tiny_batches_are_scored_on_the_event_loop_and_big_ones_in_the_thr
     assert threads[0] == threading.get_ident()
     assert threads[1] != threading.get_ident()
     await batcher.close()
+
+
+async def test_a_batch_of_exactly_inline_max_samples_is_scored_on_the_event_loop() -> None:
+    inflight, sizes, threads = {"n": 0}, [], []
+    batcher = make(inflight, sizes, threads, inline_max_samples=32)
+    await submit(batcher, inflight, np.ones((32, 1), np.float32))
+    await submit(batcher, inflight, np.ones((33, 1), np.float32))
+    assert threads == [threading.get_ident(), threads[1]]
+    assert threads[1] != threading.get_ident()
+    await batcher.close()
