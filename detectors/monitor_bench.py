@@ -192,8 +192,18 @@ async def abenchmark_monitors(
                 "encoded": sum(len(v) for _, v in templates[name]),
                 "max_state_bytes": int(m.max_state_bytes),
             }
-        templates["risk"] = [(ClientRisk.key("{client}"), b"\0" * 16)]
-        report["state_bytes"]["risk"] = {"encoded": 16, "max_state_bytes": 16}
+        # The risk record and the monitor risks behind it, as a flagged client has them.
+        flagged = [MonitorResult(name, 0.0, True, 0.9) for name in suite.monitors]
+        await ClientRisk().update(memory, _client_id(4), flagged, time.time())
+        risk_keys = [ClientRisk.key(_client_id(4)), ClientRisk.monitors_key(_client_id(4))]
+        risk_values = await memory.get_many(risk_keys)
+        templates["risk"] = [
+            (key.replace(_client_id(4), "{client}"), value)
+            for key, value in zip(risk_keys, risk_values, strict=True)
+            if value is not None
+        ]
+        risk_bytes = sum(len(v) for _, v in templates["risk"])
+        report["state_bytes"]["risk"] = {"encoded": risk_bytes, "max_state_bytes": risk_bytes}
         encoded_total = sum(v["encoded"] for v in report["state_bytes"].values())
         # Every client counted with a risk record and a place in the ranked set (an upper bound:
         # only clients at risk have them).
@@ -213,9 +223,9 @@ async def abenchmark_monitors(
                 for key in m.client_keys(_client_id(1))
                 if report["state_bytes"][name]["encoded"] > 0
             ]
-            suspicious = [MonitorResult("bench", 0.0, True, 0.9)]
+            suspicious = [MonitorResult(name, 0.0, True, 0.9) for name in suite.monitors]
             await ClientRisk().update(redis_store, _client_id(1), suspicious, time.time())
-            keys.append(ClientRisk.key(_client_id(1)))
+            keys += [ClientRisk.key(_client_id(1)), ClientRisk.monitors_key(_client_id(1))]
             redis_per_client = await _redis_bytes_per_client(redis_url, keys)
             budget["redis_bytes_per_client"] = redis_per_client
             budget["redis_total_bytes"] = redis_per_client * BUDGET_CLIENTS

@@ -30,6 +30,8 @@ async def test_the_benchmark_measures_cost_and_state_on_memory_and_redis(redis_u
     for name in monitors:
         state = report["state_bytes"][name]
         assert 0 < state["encoded"] <= state["max_state_bytes"]
+    # The risk record counts with the monitor risks kept beside it (GetClient's breakdown).
+    assert report["state_bytes"]["risk"]["encoded"] > 16 + 16
     budget = report["budget"]
     assert budget["budget_bytes"] == BUDGET_BYTES
     assert budget["memory_bytes_per_client"] > budget["encoded_bytes_per_client"]
