@@ -115,3 +115,13 @@ async def test_a_batch_of_exactly_inline_max_samples_is_scored_on_the_event_loop
     assert threads == [threading.get_ident(), threads[1]]
     assert threads[1] != threading.get_ident()
     await batcher.close()
+
+
+async def test_a_lone_small_request_is_scored_in_submit_without_the_batching_task() -> None:
+    inflight, sizes, threads = {"n": 0}, [], []
+    batcher = make(inflight, sizes, threads, inline_max_samples=2)
+    result = await submit(batcher, inflight, np.ones((2, 3), np.float32))
+    np.testing.assert_array_equal(result, [3.0, 3.0])
+    assert sizes == [2] and threads == [threading.get_ident()]
+    assert batcher._task is None
+    await batcher.close()
