@@ -6,7 +6,8 @@ a folder written by ``tfshield calibrate``):
 - **validation** runs inline on every request (dtype, per-sample shape,
   NaN/Inf, value range): a violation is INVALID_ARGUMENT naming the input.
 - **stateless detectors** (Mahalanobis) score micro-batches gathered across
-  concurrent requests in a worker thread (:mod:`gateway.batching`).
+  concurrent requests (:mod:`gateway.batching`): on the event loop up to
+  ``detection.inline_max_samples`` samples, in a worker thread above it.
 - **feature squeezing** puts its squeezed variants into the client's own
   upstream call (one round trip), scores the split response, and returns only
   the client's rows to the client, re-encoded in the form the upstream used.
