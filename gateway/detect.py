@@ -233,7 +233,8 @@ class DetectStage(Stage):
         model = protected.manifest.model
 
         def score(batch: np.ndarray) -> BatchScores:
-            # Runs in the worker thread: observing scores here keeps it off the event loop.
+            # Runs where the batch is scored: for batches above inline_max_samples,
+            # in the worker thread, so observing scores here keeps it off the event loop.
             result: BatchScores = {}
             for detector in protected.batched:
                 try:
