@@ -13,6 +13,9 @@ a folder written by ``tfshield calibrate``):
   the client's rows to the client, re-encoded in the form the upstream used.
 - **autoencoder** asks the autoencoder model (served beside the protected
   model) for reconstructions, concurrently with the forwarded call.
+- **margin** reads the protected model's output in the forwarded response
+  (the client's rows of it when feature squeezing shares the call): no extra
+  upstream call.
 
 Until the policy engine exists, a flag refuses the request with
 PERMISSION_DENIED only when the model's ``actions`` say ``block`` for that
@@ -52,6 +55,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from detectors.autoencoder import AutoencoderDetector
 from detectors.base import Detection, Detector
 from detectors.manifest import Manifest, load_artefacts
+from detectors.margin import MarginDetector
 from detectors.squeeze import FeatureSqueezing
 from detectors.validation import InputValidator
 from gateway.batching import MicroBatcher, QueueFull
@@ -131,6 +135,7 @@ class ProtectedModel:
     batched: list[Detector]
     squeezer: FeatureSqueezing | None
     autoencoder: AutoencoderDetector | None
+    margin: MarginDetector | None = None
     batcher: MicroBatcher[BatchScores] | None = None
 
     def blocks(self, detector: str) -> bool:
@@ -144,6 +149,8 @@ class _CallState:
     x: np.ndarray
     drop_output: bool = False
     autoencoder: asyncio.Task[np.ndarray] | None = None
+    # The client's rows of the manifest's output, when feature squeezing decoded them already.
+    outputs: np.ndarray | None = None
     detections: list[Detection] = field(default_factory=list)
 
 
@@ -197,6 +204,7 @@ class DetectStage(Stage):
                 *protected.batched,
                 protected.squeezer,
                 protected.autoencoder,
+                protected.margin,
             ):
                 if detector is not None:
                     self.metrics.errors.labels(detector.name)
@@ -211,7 +219,7 @@ class DetectStage(Stage):
                 manifest.model,
                 model_config.model,
             )
-        validator = squeezer = autoencoder = None
+        validator = squeezer = autoencoder = margin = None
         batched: list[Detector] = []
         for detector in detectors.values():
             if isinstance(detector, InputValidator):
@@ -220,6 +228,8 @@ class DetectStage(Stage):
                 squeezer = detector
             elif isinstance(detector, AutoencoderDetector):
                 autoencoder = detector
+            elif isinstance(detector, MarginDetector):
+                margin = detector
             elif not detector.needs_predictor:
                 batched.append(detector)
             else:
@@ -227,7 +237,9 @@ class DetectStage(Stage):
                 raise ConfigError(
                     f"{where}: detector '{detector.name}' calls a model the gateway cannot feed"
                 )
-        return ProtectedModel(manifest, dict(model_config.actions), validator, batched, squeezer, autoencoder)
+        return ProtectedModel(
+            manifest, dict(model_config.actions), validator, batched, squeezer, autoencoder, margin
+        )
 
     def _batch_scorer(self, protected: ProtectedModel) -> Callable[[np.ndarray], BatchScores]:
         model = protected.manifest.model
@@ -323,6 +335,8 @@ class DetectStage(Stage):
             state.autoencoder.add_done_callback(_retrieve_exception)
         if protected.squeezer is not None:
             self._add_variants(call, state, protected.squeezer)
+        elif protected.margin is not None and call.request.output_filter:
+            self._request_output(call, state, protected.margin.output)
         if protected.batcher is not None:
             try:
                 scores = await protected.batcher.submit(x)
@@ -350,11 +364,23 @@ class DetectStage(Stage):
         request = predict_pb2.PredictRequest()
         request.CopyFrom(call.request)
         request.inputs[name].CopyFrom(numpy_to_tensor(batch, as_tensor_content=True, dtype=original.dtype))
-        output = state.model.manifest.output
-        if request.output_filter and output not in request.output_filter:
+        self._request_output(call, state, state.model.manifest.output, request)
+
+    @staticmethod
+    def _request_output(
+        call: Call, state: _CallState, output: str, request: predict_pb2.PredictRequest | None = None
+    ) -> None:
+        """Forward ``request`` (default: the client's), asking for ``output`` too if its filter leaves
+        it out (``drop_output``: removed again before the answer leaves)."""
+        assert call.request is not None
+        if call.request.output_filter and output not in call.request.output_filter:
+            if request is None:
+                request = predict_pb2.PredictRequest()
+                request.CopyFrom(call.request)
             request.output_filter.append(output)
             state.drop_output = True
-        call.forward_raw = request.SerializeToString()
+        if request is not None:
+            call.forward_raw = request.SerializeToString()
 
     async def _reconstruct(self, protected: ProtectedModel, x: np.ndarray, call: Call) -> np.ndarray:
         assert protected.autoencoder is not None
@@ -375,6 +401,8 @@ class DetectStage(Stage):
         protected = state.model
         if call.forward_raw is not None and protected.squeezer is not None:
             response = self._score_squeezed(state, protected.squeezer, response)
+        if protected.margin is not None:
+            response = self._score_margin(state, protected.margin, response)
         if state.autoencoder is not None:
             detector = protected.autoencoder
             assert detector is not None
@@ -395,6 +423,7 @@ class DetectStage(Stage):
         try:
             probabilities = tensor_to_numpy(response.outputs[output], output, RESPONSE_MAX_ELEMENTS)
             original, *variants = np.split(probabilities, parts)
+            state.outputs = original
             scores = squeezer.score_outputs(original, variants)
         except Exception as exc:  # a malformed or unexpected response must not escape unscored silently
             self._fail("detector_error", squeezer.name, exc, answered=True)
@@ -411,6 +440,30 @@ class DetectStage(Stage):
         if scores is not None:
             self._verdict(state, squeezer, scores)
         return response.SerializeToString()
+
+    def _score_margin(self, state: _CallState, margin: MarginDetector, raw: bytes) -> bytes:
+        """Score the client's rows of the model's output; the response leaves unchanged (byte for byte,
+        unless the output was added for scoring only and is removed again)."""
+        outputs = state.outputs if margin.output == state.model.manifest.output else None
+        try:
+            if outputs is None:
+                response = predict_pb2.PredictResponse.FromString(raw)
+                if margin.output not in response.outputs:
+                    raise ValueError(f"the response has no output '{margin.output}'")
+                outputs = tensor_to_numpy(
+                    response.outputs[margin.output], margin.output, RESPONSE_MAX_ELEMENTS
+                )
+                if state.drop_output:
+                    del response.outputs[margin.output]
+                    raw = response.SerializeToString()
+            if len(outputs) != state.rows:
+                raise ValueError(f"output '{margin.output}' has {len(outputs)} rows for {state.rows} inputs")
+            scores = margin.score_outputs(outputs)
+        except Exception as exc:  # a malformed or unexpected response must not escape unscored silently
+            self._fail("detector_error", margin.name, exc, answered=True)
+            return raw
+        self._verdict(state, margin, scores)
+        return raw
 
     async def close(self) -> None:
         for protected in self.models.values():

@@ -56,7 +56,7 @@ import numpy as np
 
 from gateway.errors import TfshieldError
 
-DEFAULT_DETECTORS = ("validation", "mahalanobis", "feature_squeezing", "autoencoder")
+DEFAULT_DETECTORS = ("validation", "mahalanobis", "feature_squeezing", "autoencoder", "margin")
 DEFAULT_TARGET_FPR = 0.01
 DEFAULT_SPLIT = (0.5, 0.25, 0.25)
 DEFAULT_BATCH_SIZE = 256
@@ -444,6 +444,8 @@ def calibrate(
             elif name == "feature_squeezing":
                 defaults = {"output": output_name, "value_range": _value_range(reference.fit)}
                 detector = detector_class(name)(**{**defaults, **extra})
+            elif name == "margin":
+                detector = detector_class(name)(**{"output": output_name, **extra})
             elif name == "autoencoder":
                 assert autoencoder_model_base_path is not None
                 autoencoder_export = _train_and_export_autoencoder(

@@ -31,7 +31,7 @@ from tests.gateway.detect_fixtures import (
 )
 from tests.procs import Proc
 
-DETECTORS_WITH_SCORES = ("mahalanobis", "feature_squeezing", "autoencoder")
+DETECTORS_WITH_SCORES = ("mahalanobis", "feature_squeezing", "autoencoder", "margin")
 
 
 def upstream_predicts(model_server: Proc) -> int:
@@ -114,6 +114,69 @@ def test_an_output_filter_gets_only_the_outputs_the_client_asked_for(squeeze_gat
         response = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(request, timeout=30)
     assert list(response.outputs) == ["logits"]
     assert tf.make_ndarray(response.outputs["logits"]).shape == (2, 10)
+
+
+@pytest.fixture(scope="module")
+def margin_gateway(calibration, detect_model_server, tmp_path_factory) -> Iterator[Proc]:
+    """A gateway whose only detector is the margin detector (it reads the forwarded response)."""
+    workdir = tmp_path_factory.mktemp("margin-gateway")
+    artefacts = artefacts_with(workdir / "artefacts", calibration, ("margin",))
+    proc = start_gateway(workdir, detect_model_server.address(), config=detection_config(artefacts))
+    yield proc
+    proc.stop()
+
+
+def test_margin_scores_the_forwarded_answer_and_passes_it_on_byte_for_byte(
+    margin_gateway, detect_model_server, calibration, reference, upstream_predictor
+):
+    from tensorflow_serving.apis import predict_pb2
+
+    from tests.gateway.conftest import raw_unary
+
+    # Two digits and a blend of two others at the point where the model's label flips (bisection).
+    a = reference.heldout[300]
+    label = upstream_predictor("", a[None]).argmax()
+    others = upstream_predictor("", reference.heldout[301:320]).argmax(axis=1)
+    b = reference.heldout[301 + int(np.argmax(others != label))]
+    assert upstream_predictor("", b[None]).argmax() != label
+    lo, hi = 0.0, 1.0
+    for _ in range(20):
+        mid = (lo + hi) / 2
+        if upstream_predictor("", ((1 - mid) * a + mid * b)[None].astype(np.float32)).argmax() == label:
+            lo = mid
+        else:
+            hi = mid
+    edge = ((1 - lo) * a + lo * b).astype(np.float32)
+    x = np.stack([reference.heldout[302], reference.heldout[303], edge])
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = MODEL
+    request.inputs["images"].CopyFrom(tf.make_tensor_proto(x))
+    path = "/tensorflow.serving.PredictionService/Predict"
+    before = upstream_predicts(detect_model_server)
+    samples_before = metrics_samples(margin_gateway)
+    through, _ = raw_unary(margin_gateway.address(), path, request.SerializeToString(), timeout=30)
+    direct, _ = raw_unary(detect_model_server.address(), path, request.SerializeToString(), timeout=30)
+    assert through == direct
+    assert upstream_predicts(detect_model_server) == before + 2  # the gateway's call, then ours
+    after = metrics_samples(margin_gateway)
+    assert score_count(after, "margin") - score_count(samples_before, "margin") == 3
+    offline = calibration.detectors["margin"].detect(x, upstream_predictor).flagged
+    assert offline[2], "a blend at the label flip must be flagged"
+    assert flags_total(after, "margin") - flags_total(samples_before, "margin") == int(offline.sum())
+
+
+def test_margin_with_an_output_filter_reads_its_output_and_removes_it_again(margin_gateway, reference):
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = MODEL
+    request.inputs["images"].CopyFrom(tf.make_tensor_proto(reference.heldout[:2]))
+    request.output_filter.append("logits")
+    before = metrics_samples(margin_gateway)
+    with grpc.insecure_channel(margin_gateway.address()) as channel:
+        response = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(request, timeout=30)
+    assert list(response.outputs) == ["logits"]
+    assert score_count(metrics_samples(margin_gateway), "margin") - score_count(before, "margin") == 2
 
 
 def test_every_detector_costs_one_model_call_and_one_autoencoder_call(

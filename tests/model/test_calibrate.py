@@ -87,7 +87,8 @@ def test_unknown_detector_lists_the_known_ones(reference) -> None:
 def test_manifest_names_the_model_its_input_output_and_detectors(calibration) -> None:
     manifest, detectors = load_artefacts(calibration.out)
     assert (manifest.model, manifest.input, manifest.output) == ("mnist", "images", "probabilities")
-    assert manifest.detectors == ("validation", "mahalanobis", "feature_squeezing", "autoencoder")
+    assert manifest.detectors == ("validation", "mahalanobis", "feature_squeezing", "autoencoder", "margin")
+    assert detectors["margin"].output == "probabilities"
     assert manifest.target_fpr == TARGET_FPR
     assert manifest.heldout_fpr == {name: float(f.mean()) for name, f in calibration.heldout_flagged.items()}
     assert detectors["autoencoder"].model_name == AUTOENCODER
