@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from gateway.model.calibrate import DEFAULT_DETECTORS
 from gateway.model.evaluate import (
     ATTACKS,
     Phase,
@@ -57,7 +58,9 @@ def test_combined_roc_score_is_the_largest_score_in_units_of_its_threshold() -> 
 
 def test_the_command_takes_detectors_and_defaults_to_the_full_run() -> None:
     args = parse_args(["detectors"])
-    assert (args.quick, args.target_fpr, args.out) == (False, 0.005, Path("eval-results/detectors"))
+    assert (args.quick, args.out) == (False, Path("eval-results/detectors"))
+    # The 2 % goal split evenly over the default detectors, so that their union stays within it.
+    assert args.target_fpr == pytest.approx(0.02 / len(DEFAULT_DETECTORS))
     with pytest.raises(SystemExit):
         parse_args(["models"])
 
@@ -80,7 +83,7 @@ def test_quick_eval_sends_attacks_through_the_gateway_and_writes_the_report(
     assert all(a["served_not_adversarial"] == 0 and a["errors"] == {} for a in report["attacks"].values())
     agreement = report["gateway_vs_offline"]
     assert agreement["disagreements"] == 0
-    assert agreement["verdicts"] == (24 + sent) * 4
+    assert agreement["verdicts"] == (24 + sent) * len(DEFAULT_DETECTORS)  # every digit, every detector
     assert any("gateway vs offline verdicts" in line for line in lines)
 
     assert json.loads((out / "detection_eval.json").read_text()) == report
