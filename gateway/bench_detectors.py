@@ -46,7 +46,7 @@ Monitors
     :func:`~detectors.monitor_calibration.benign_sequences` drawn from the
     demo's calibration digits, the model's classes from the bench's model
     server; cached beside the detectors, under
-    ``<cache dir>/bench-monitors/<recipe>-<fingerprint>/``), with ``x`` the
+    ``<cache dir>/bench-monitors/<recipe>-<fingerprint>-<monitor names digest>/``), with ``x`` the
     held-out digits and ``predicted`` the served model's classes for them.
     ``redis_url`` is a ``unix://`` URL of a ``redis-server`` started here on a
     unix socket in the bench's temporary folder (no TCP port, no persistence)
@@ -447,6 +447,15 @@ def start_redis(workdir: Path, stack: contextlib.ExitStack) -> RedisServer:
     return RedisServer(popen, socket_path, log_path)
 
 
+def monitor_suite_folder(cache_dir: Path) -> Path:
+    """Where the bench's monitor suite is cached: keyed by the demo model and the default monitors'
+    names, so that a new default monitor gets a suite of its own."""
+    from detectors.monitor_calibration import DEFAULT_MONITORS
+
+    names = hashlib.sha256(",".join(DEFAULT_MONITORS).encode()).hexdigest()[:8]
+    return cache_dir / "bench-monitors" / f"{RECIPE}-{demo_fingerprint(cache_dir)}-{names}"
+
+
 def calibrated_monitor_suite(cache_dir: Path, upstream: str, log: Log) -> tuple[Path, bool]:
     """The cached monitor suite for the demo model, calibrated first (against ``upstream``) when missing.
 
@@ -457,7 +466,7 @@ def calibrated_monitor_suite(cache_dir: Path, upstream: str, log: Log) -> tuple[
     from detectors.monitor_calibration import SUITE_FILE, benign_sequences, calibrate_monitors
     from gateway.model.calibrate import UpstreamPredictor, demo_reference
 
-    folder = cache_dir / "bench-monitors" / f"{RECIPE}-{demo_fingerprint(cache_dir)}"
+    folder = monitor_suite_folder(cache_dir)
     if (folder / SUITE_FILE).is_file():
         return folder, False
 

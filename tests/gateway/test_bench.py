@@ -166,3 +166,17 @@ def test_monitor_hook_passes_the_suite_quick_counts_and_a_running_redis_then_sto
         assert result["redis_ping"] is True
         assert not (tmp_path / "redis" / "redis.sock").exists()  # stopped: redis removes its socket
     assert result["backends"] == {"memory": {}}
+
+
+def test_the_monitor_suite_cache_is_keyed_by_the_default_monitors(
+    model_cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from detectors import monitor_calibration
+    from gateway.bench_detectors import monitor_suite_folder
+
+    before = monitor_suite_folder(model_cache_dir)
+    assert monitor_suite_folder(model_cache_dir) == before
+    more = (*monitor_calibration.DEFAULT_MONITORS, "new")
+    monkeypatch.setattr(monitor_calibration, "DEFAULT_MONITORS", more)
+    after = monitor_suite_folder(model_cache_dir)
+    assert after != before and after.parent == before.parent
