@@ -120,13 +120,24 @@ from gateway.model.processes import stop_process
 
 REPO = Path(__file__).resolve().parent.parent
 PREDICT = "/tensorflow.serving.PredictionService/Predict"
-TARGET_NAMES = ("direct", "gateway", "gateway+valid+maha", "gateway+all", "nginx")
+TARGET_NAMES = (
+    "direct",
+    "gateway",
+    "gateway+valid+maha",
+    "gateway+all",
+    "gateway+monitors",
+    "gateway+monitors+redis",
+    "nginx",
+)
 # Gateways with detection configured for DETECTOR_MODEL, by target name: the detectors each runs.
 DETECTOR_TARGETS = {
     "gateway+valid+maha": ("validation", "mahalanobis"),
     "gateway+all": ("validation", "mahalanobis", "feature_squeezing", "autoencoder"),
 }
 DETECTOR_MODEL = "mnist"
+# Gateways with the default monitors on DETECTOR_MODEL, by target name: their state store
+# (the policy's ladder in shadow mode, so the monitors' cost is measured, not their decisions).
+MONITOR_TARGETS = {"gateway+monitors": "memory", "gateway+monitors+redis": "redis"}
 BATCHES = (1, 32)
 CONCURRENCIES = (1, 16)
 ECHO_WIDTH = 16  # floats per echo row
@@ -387,8 +398,9 @@ def build_request(model: str, batch: int, seed: int = 0, values: Any = None) -> 
 
 
 def cell_targets(model: str, targets: list[str]) -> list[str]:
-    """The targets measured for ``model``: the detector gateways protect DETECTOR_MODEL only."""
-    return [t for t in targets if t not in DETECTOR_TARGETS or model == DETECTOR_MODEL]
+    """The targets measured for ``model``: the detector and monitor gateways protect DETECTOR_MODEL only."""
+    guarded = {*DETECTOR_TARGETS, *MONITOR_TARGETS}
+    return [t for t in targets if t not in guarded or model == DETECTOR_MODEL]
 
 
 def check_responses(
@@ -798,6 +810,7 @@ def measure_cells(
             if row["target"] in DETECTOR_TARGETS and plain is not None:
                 # The detectors' own cost: the plain gateway of the same cell is the baseline.
                 row["detectors"] = list(DETECTOR_TARGETS[row["target"]])
+            if (row["target"] in DETECTOR_TARGETS or row["target"] in MONITOR_TARGETS) and plain is not None:
                 row["added_p50_vs_gateway_ms"] = row["p50_ms"] - plain["p50_ms"]
                 row["throughput_ratio_vs_gateway"] = row["rps"] / plain["rps"] if plain["rps"] else 0.0
             errors = sum(row["errors"].values())
@@ -982,7 +995,68 @@ def format_monitors(results: dict[str, Any]) -> list[str]:
     lines = ["", f"monitors ({bench_detectors.MONITOR_MODULE}; suite {origin}: {section['suite']}):"]
     if module is None:
         return lines + ["  " + json.dumps(section["result"], default=str)]
-    return lines + bench_detectors.format_monitors(module, section["result"])
+    lines += bench_detectors.format_monitors(module, section["result"])
+    return lines + _monitor_gateway_lines(results)
+
+
+def _monitor_gateway_lines(results: dict[str, Any]) -> list[str]:
+    """The gateways with every default monitor on, against direct and the plain gateway (rows above)."""
+    rows = [r for r in results.get("rows", []) if r["target"] in MONITOR_TARGETS]
+    if not rows:
+        return []
+    lines = [
+        "",
+        "  in the gateway (rows above; every default monitor, the policy's ladder in shadow mode):",
+        f"  {'batch':>5} {'conc':>4}  {'target':<24} {'x direct':>8} {'x gateway':>9} "
+        f"{'+p50 vs gateway':>16}",
+    ]
+    for r in rows:
+        lines.append(
+            f"  {r['batch']:>5} {r['concurrency']:>4}  {r['target']:<24} {r['throughput_ratio']:>8.2f} "
+            f"{r.get('throughput_ratio_vs_gateway', 0.0):>9.2f} "
+            f"{r.get('added_p50_vs_gateway_ms', 0.0):>+13.3f} ms"
+        )
+    return lines
+
+
+def start_monitor_gateways(
+    settings: Settings, upstream: str, workdir: Path, stack: contextlib.ExitStack, notes: list[str]
+) -> dict[str, Started]:
+    """The MONITOR_TARGETS gateways (memory store; Redis when redis-server is installed), or none.
+
+    Their suite is the monitor section's cached one (calibrated here first when missing). A failure
+    is a note, not an error: the other rows stand.
+    """
+    from gateway import bench_detectors
+
+    if not settings.monitors or DETECTOR_MODEL not in settings.models:
+        return {}
+    started: dict[str, Started] = {}
+    try:
+        _say("monitors: looking for a calibrated monitor suite in the cache ...")
+        suite, _ = bench_detectors.calibrated_monitor_suite(settings.cache_dir, upstream, _say)
+        stores: dict[str, str | None] = {"gateway+monitors": None}
+        if shutil.which("redis-server") is None:
+            notes.append("gateway+monitors+redis row skipped: redis-server is not on PATH")
+        else:
+            redis = bench_detectors.start_redis(workdir / "redis-gateway", stack)
+            stores["gateway+monitors+redis"] = redis.url
+        for target, redis_url in stores.items():
+            _say(f"starting {target} ...")
+            config = workdir / f"{target}.yaml"
+            config.write_text(
+                json.dumps(bench_detectors.monitor_gateway_config(upstream, suite, redis_url, workdir))
+            )
+            argv = tfshield_argv(
+                "serve", "--config", str(config), "--port", "0", "--metrics-port", "0",
+                "--log-level", "WARNING",
+            )
+            started[target] = start_with_ready_file(target, argv, workdir, 30.0, stack, settings.gateway_env)
+    except Exception as exc:  # say what failed, keep the other rows
+        notes.append(
+            f"the monitor gateways could not start ({type(exc).__name__}: {exc}); their rows are missing"
+        )
+    return started
 
 
 # ---------------------------------------------------------------------------
@@ -1097,7 +1171,7 @@ def detector_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     by_cell = {(r["model"], r["batch"], r["concurrency"], r["target"]): r for r in rows}
     summary = []
     for row in rows:
-        if "added_p50_vs_gateway_ms" not in row:
+        if "added_p50_vs_gateway_ms" not in row or row["target"] not in DETECTOR_TARGETS:
             continue
         plain = by_cell[(row["model"], row["batch"], row["concurrency"], "gateway")]
         cpu, plain_cpu = row["proxy_cpu_us_per_request"], plain["proxy_cpu_us_per_request"]
@@ -1231,6 +1305,13 @@ def run(settings: Settings) -> dict[str, Any]:
                 probe = requests[f"{DETECTOR_MODEL}/b{settings.batches[0]}"]
                 first_success_s(started.address(), probe, time.perf_counter())
                 detector_gateways[target] = started
+                addresses[target] = started.address()
+                proxy_pids[target] = [started.pid]
+
+            monitor_gateways = start_monitor_gateways(settings, server.address(), workdir, stack, notes)
+            for target, started in monitor_gateways.items():
+                probe = requests[f"{DETECTOR_MODEL}/b{settings.batches[0]}"]
+                first_success_s(started.address(), probe, time.perf_counter())
                 addresses[target] = started.address()
                 proxy_pids[target] = [started.pid]
 

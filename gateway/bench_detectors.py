@@ -268,6 +268,34 @@ def gateway_config(upstream: str, artefacts: Path) -> dict[str, Any]:
     }
 
 
+def monitor_gateway_config(
+    upstream: str, suite: Path, redis_url: str | None, workdir: Path
+) -> dict[str, Any]:
+    """A gateway config monitoring the demo model with a copy of ``suite`` whose rate limit no bench
+    client reaches (the bench sends one client's calls as fast as it can), on the memory store or
+    Redis at ``redis_url``, and the built-in policy with its ladder in shadow mode."""
+    from gateway.model.eval_monitors import recording_policy_yaml
+
+    copy = workdir / "bench-monitor-suite"
+    if not copy.exists():
+        shutil.copytree(suite, copy)
+        limit = copy / "rate_limit" / "detector.json"
+        if limit.is_file():
+            meta = json.loads(limit.read_text())
+            meta["params"].update({"rate_per_s": 1e9, "burst": 1e9})
+            limit.write_text(json.dumps(meta, indent=2, sort_keys=True))
+    policy = workdir / "bench-recording-policy.yaml"
+    policy.write_text(recording_policy_yaml())
+    store: dict[str, Any] = {"backend": "memory"}
+    if redis_url is not None:
+        store = {"backend": "redis", "url": redis_url}
+    return {
+        "upstream": {"target": upstream},
+        "monitors": {"models": [{"model": MODEL, "suite": str(copy)}], "store": store},
+        "policy": {"file": str(policy)},
+    }
+
+
 # ---------------------------------------------------------------------------
 # The micro table
 # ---------------------------------------------------------------------------

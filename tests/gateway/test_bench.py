@@ -87,7 +87,9 @@ def test_quick_bench_on_mnist_adds_detector_rows_micro_table_and_target(
     text = run_quick_bench(args, out, MNIST_TIMEOUT_S)
 
     results = json.loads(out.read_text())
-    targets = ("direct", "gateway", "gateway+valid+maha", "gateway+all")
+    targets = ("direct", "gateway", "gateway+valid+maha", "gateway+all", "gateway+monitors")
+    if shutil.which("redis-server"):
+        targets += ("gateway+monitors+redis",)
     expected = {("mnist", b, c, t) for b in (1, 32) for c in (1, 16) for t in targets}
     rows = {(r["model"], r["batch"], r["concurrency"], r["target"]): r for r in results["rows"]}
     assert set(rows) == expected
@@ -96,7 +98,7 @@ def test_quick_bench_on_mnist_adds_detector_rows_micro_table_and_target(
         assert row["errors"] == {}, key
     for b in (1, 32):
         for c in (1, 16):
-            for target in ("gateway+valid+maha", "gateway+all"):
+            for target in targets[2:]:
                 row = rows[("mnist", b, c, target)]
                 plain = rows[("mnist", b, c, "gateway")]
                 assert row["added_p50_vs_gateway_ms"] == row["p50_ms"] - plain["p50_ms"]
@@ -131,6 +133,8 @@ def test_quick_bench_on_mnist_adds_detector_rows_micro_table_and_target(
     else:
         assert monitors["enabled"] is True, monitors
         assert "memory" in monitors["result"]["backends"]
+        # The gateways with every monitor on: their rows answered every call (no rate limit, no refusal).
+        assert "every default monitor, the policy's ladder in shadow mode" in text
 
 
 class FakeMonitorBench:
