@@ -48,14 +48,21 @@ def score_count(samples: dict, detector: str) -> float:
     return samples.get(("tfshield_detector_score_count", (("detector", detector), ("model", MODEL))), 0.0)
 
 
-@pytest.fixture(scope="module")
-def squeeze_gateway(calibration, detect_model_server, tmp_path_factory) -> Iterator[Proc]:
-    """A gateway whose only detector is feature squeezing (so the upstream sees only its call)."""
-    workdir = tmp_path_factory.mktemp("squeeze-gateway")
-    artefacts = artefacts_with(workdir / "artefacts", calibration, ("feature_squeezing",))
+def single_detector_gateway(name: str, calibration, detect_model_server, tmp_path_factory) -> Iterator[Proc]:
+    """A gateway whose only detector is ``name``, for a module fixture."""
+    workdir = tmp_path_factory.mktemp(f"{name}-gateway")
+    artefacts = artefacts_with(workdir / "artefacts", calibration, (name,))
     proc = start_gateway(workdir, detect_model_server.address(), config=detection_config(artefacts))
     yield proc
     proc.stop()
+
+
+@pytest.fixture(scope="module")
+def squeeze_gateway(calibration, detect_model_server, tmp_path_factory) -> Iterator[Proc]:
+    """Feature squeezing only (so the upstream sees only its call)."""
+    yield from single_detector_gateway(
+        "feature_squeezing", calibration, detect_model_server, tmp_path_factory
+    )
 
 
 # -- input validation -----------------------------------------------------------------
@@ -118,12 +125,8 @@ def test_an_output_filter_gets_only_the_outputs_the_client_asked_for(squeeze_gat
 
 @pytest.fixture(scope="module")
 def margin_gateway(calibration, detect_model_server, tmp_path_factory) -> Iterator[Proc]:
-    """A gateway whose only detector is the margin detector (it reads the forwarded response)."""
-    workdir = tmp_path_factory.mktemp("margin-gateway")
-    artefacts = artefacts_with(workdir / "artefacts", calibration, ("margin",))
-    proc = start_gateway(workdir, detect_model_server.address(), config=detection_config(artefacts))
-    yield proc
-    proc.stop()
+    """The margin detector only (it reads the forwarded response)."""
+    yield from single_detector_gateway("margin", calibration, detect_model_server, tmp_path_factory)
 
 
 def test_margin_scores_the_forwarded_answer_and_passes_it_on_byte_for_byte(
