@@ -69,7 +69,10 @@ import numpy as np
 
 from detectors.base import Detector, DetectorError, Predictor, register
 
-__all__ = ["MahalanobisDetector", "mahalanobis_scores"]
+__all__ = ["LEARNED_ARRAYS", "MahalanobisDetector", "mahalanobis_scores"]
+
+# What fit learns and save writes (the arguments of mahalanobis_scores after x, in order).
+LEARNED_ARRAYS = ("mean_", "components_", "component_weights_", "residual_weights_")
 
 
 @register
@@ -135,12 +138,7 @@ class MahalanobisDetector(Detector):
         self.residual_weights_ = 1.0 / (residual_variances + floor)
 
     def _state(self) -> dict[str, np.ndarray]:
-        return {
-            "mean_": self.mean_,
-            "components_": self.components_,
-            "component_weights_": self.component_weights_,
-            "residual_weights_": self.residual_weights_,
-        }
+        return {name: getattr(self, name) for name in LEARNED_ARRAYS}
 
     def _score(self, x: np.ndarray, predictor: Predictor | None) -> np.ndarray:
         n = len(x)

@@ -63,7 +63,7 @@ from typing import Self
 import numpy as np
 
 from detectors.base import DetectorError, Predictor, register, threshold_at_fpr
-from detectors.mahalanobis import MahalanobisDetector, mahalanobis_scores
+from detectors.mahalanobis import LEARNED_ARRAYS, MahalanobisDetector, mahalanobis_scores
 from detectors.monitor import Monitor, MonitorResult, QueryBatch
 from gateway.store import Store
 
@@ -137,18 +137,11 @@ class OodRate(Monitor):
 
     def _fit(self, x_ref: np.ndarray, predictor: Predictor | None) -> None:
         inner = MahalanobisDetector(self.n_components, self.variance_floor).fit(x_ref)
-        self.mean_ = inner.mean_.astype(np.float32)
-        self.components_ = inner.components_.astype(np.float32)
-        self.component_weights_ = inner.component_weights_.astype(np.float32)
-        self.residual_weights_ = inner.residual_weights_.astype(np.float32)
+        for name in LEARNED_ARRAYS:
+            setattr(self, name, getattr(inner, name).astype(np.float32))
 
     def _state(self) -> dict[str, np.ndarray]:
-        return {
-            "mean_": self.mean_,
-            "components_": self.components_,
-            "component_weights_": self.component_weights_,
-            "residual_weights_": self.residual_weights_,
-        }
+        return {name: getattr(self, name) for name in LEARNED_ARRAYS}
 
     def _scalars(self) -> dict[str, float | int | str]:
         return {"query_threshold_": self.query_threshold_, "null_rate_": self.null_rate_}
