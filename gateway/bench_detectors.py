@@ -81,6 +81,9 @@ MODEL = "mnist"
 INPUT = "images"
 OUTPUT = "probabilities"
 TARGET_FPR = 0.01
+# The detectors calibrated for the bench: those its gateway targets run (gateway/bench.py's
+# DETECTOR_TARGETS), whatever `tfshield calibrate` defaults to, so a cache entry always holds these.
+DETECTORS = ("validation", "mahalanobis", "feature_squeezing", "autoencoder")
 AUTOENCODER_EPOCHS: int | None = None  # the library default (10): one-time cost, cached
 MICRO_BATCHES = (1, 64)
 CALIBRATION_TIMEOUT_S = 600.0
@@ -209,6 +212,7 @@ def _calibrate_into(
                 address,
                 entry.artefacts,
                 target_fpr=TARGET_FPR,
+                detectors=DETECTORS,
                 input_name=INPUT,
                 output_name=OUTPUT,
                 autoencoder_model_base_path=entry.models,
