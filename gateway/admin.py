@@ -4,7 +4,7 @@
 
     tfshield admin [--control HOST:PORT] [--token-file FILE] [--ca CA [--cert CERT --key KEY]]
                    [--json] COMMAND
-      get-client ID                            a client's risk
+      get-client ID                            a client's risk and the monitor risks behind it
       list-clients [--limit N] [--min-risk X]  the riskiest clients, highest first
       reset-client ID                          forget a client's monitor state
       get-policy                               the policy in force (YAML on stdout, digest on stderr)
@@ -175,7 +175,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for an answer (default 10)")
     p.add_argument("--json", action="store_true", help="print the answer as JSON")
     commands = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    get = commands.add_parser("get-client", help="a client's risk")
+    get = commands.add_parser("get-client", help="a client's risk and the monitor risks behind it")
     get.add_argument("client_id", metavar="ID")
     listing = commands.add_parser("list-clients", help="the riskiest clients, highest first")
     listing.add_argument("--limit", type=int, default=20, help="at most this many (default 20)")
