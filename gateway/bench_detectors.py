@@ -65,7 +65,6 @@ import importlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -74,7 +73,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway.model.processes import stop_process
+from gateway.errors import TfshieldError
+from gateway.model.processes import RedisServer, stop_process
+from gateway.model.processes import start_redis as start_redis_server
 
 RECIPE = "bench-detectors-v1"
 MODEL = "mnist"
@@ -87,7 +88,6 @@ DETECTORS = ("validation", "mahalanobis", "feature_squeezing", "autoencoder")
 AUTOENCODER_EPOCHS: int | None = None  # the library default (10): one-time cost, cached
 MICRO_BATCHES = (1, 64)
 CALIBRATION_TIMEOUT_S = 600.0
-REDIS_START_TIMEOUT_S = 10.0
 MONITOR_MODULE = "detectors.monitor_bench"
 MONITOR_INPUTS = 500  # held-out digits the monitor benchmark draws its queries from
 # benchmark_monitors' counts under --quick (its defaults otherwise).
@@ -430,53 +430,17 @@ def monitor_module() -> Any | None:
         return None
 
 
-@dataclass
-class RedisServer:
-    popen: subprocess.Popen[bytes]
-    socket_path: Path
-    log_path: Path
-
-    @property
-    def url(self) -> str:
-        return f"unix://{self.socket_path}"
-
-
-def _ping(path: Path) -> bool:
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-            conn.settimeout(0.5)
-            conn.connect(str(path))
-            conn.sendall(b"PING\r\n")
-            return conn.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
 def start_redis(workdir: Path, stack: contextlib.ExitStack) -> RedisServer:
     """``redis-server`` on a unix socket in ``workdir`` (no TCP, no persistence); stopped with ``stack``."""
     binary = shutil.which("redis-server")
     if binary is None:
         raise DetectorBenchError("redis-server is not installed")
-    workdir.mkdir(parents=True, exist_ok=True)
-    socket_path = workdir / "redis.sock"
-    log_path = workdir / "redis.log"
-    argv = [
-        binary, "--port", "0", "--unixsocket", str(socket_path), "--unixsocketperm", "700",
-        "--save", "", "--appendonly", "no", "--dir", str(workdir), "--logfile", str(log_path),
-    ]  # fmt: skip
-    popen = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, cwd=workdir)
-    stack.callback(stop_process, popen, 5.0)
-    deadline = time.monotonic() + REDIS_START_TIMEOUT_S
-    while not (socket_path.exists() and _ping(socket_path)):
-        if popen.poll() is not None:
-            log = log_path.read_text(errors="replace") if log_path.exists() else ""
-            raise DetectorBenchError(
-                f"redis-server exited with {popen.returncode} before it was ready:\n{log}"
-            )
-        if time.monotonic() > deadline:
-            raise DetectorBenchError(f"redis-server did not answer PING within {REDIS_START_TIMEOUT_S:.0f} s")
-        time.sleep(0.02)
-    return RedisServer(popen, socket_path, log_path)
+    try:
+        server = start_redis_server(binary, workdir)
+    except TfshieldError as exc:
+        raise DetectorBenchError(str(exc)) from None
+    stack.callback(server.stop)
+    return server
 
 
 def monitor_suite_folder(cache_dir: Path) -> Path:

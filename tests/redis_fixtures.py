@@ -14,84 +14,24 @@ parametrized over it run against memory and Redis alike.
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 import socket
-import subprocess
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from gateway.model.processes import RedisServer
+from gateway.model.processes import start_redis as start_redis_server
 from gateway.store import MemoryStore, RedisStore, Store
-
-REDIS_START_TIMEOUT_S = 10.0
-
-
-@dataclass
-class RedisServer:
-    popen: subprocess.Popen[bytes]
-    socket_path: Path
-    log_path: Path
-
-    @property
-    def url(self) -> str:
-        return f"unix://{self.socket_path}"
-
-    def stop(self, grace_s: float = 5.0) -> None:
-        if self.popen.poll() is not None:
-            return
-        os.kill(self.popen.pid, signal.SIGTERM)
-        try:
-            self.popen.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            os.kill(self.popen.pid, signal.SIGKILL)
-            self.popen.wait(5)
-
-
-def _ping(path: Path) -> bool:
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-            conn.settimeout(0.5)
-            conn.connect(str(path))
-            conn.sendall(b"PING\r\n")
-            return conn.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
 
 
 def start_redis(workdir: Path) -> RedisServer:
-    """Start ``redis-server`` on a unix socket under ``workdir``; wait until it answers PING."""
+    """Start ``redis-server`` on a unix socket under ``workdir``; skip the test when it is not installed."""
     binary = shutil.which("redis-server")
     if binary is None:
         pytest.skip("redis-server is not installed (apt-get install redis-server); the Redis tests need it")
-    socket_path = workdir / "redis.sock"
-    log_path = workdir / "redis.log"
-    argv = [
-        binary,
-        "--port", "0",
-        "--unixsocket", str(socket_path),
-        "--unixsocketperm", "700",
-        "--save", "",
-        "--appendonly", "no",
-        "--dir", str(workdir),
-        "--logfile", str(log_path),
-    ]  # fmt: skip
-    popen = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, cwd=workdir)
-    server = RedisServer(popen, socket_path, log_path)
-    deadline = time.monotonic() + REDIS_START_TIMEOUT_S
-    while not (socket_path.exists() and _ping(socket_path)):
-        if popen.poll() is not None:
-            log = log_path.read_text(errors="replace") if log_path.exists() else ""
-            raise RuntimeError(f"redis-server exited with {popen.returncode} before it was ready:\n{log}")
-        if time.monotonic() > deadline:
-            server.stop()
-            raise RuntimeError(f"redis-server not ready after {REDIS_START_TIMEOUT_S}s")
-        time.sleep(0.02)
-    return server
+    return start_redis_server(binary, workdir)
 
 
 @pytest.fixture(scope="session")

@@ -138,3 +138,64 @@ def start_server(
         server.stop()
         raise
     return server
+
+
+# -- redis-server (tests and the bench share it) ------------------------------------------------
+
+REDIS_START_TIMEOUT_S = 10.0
+
+
+@dataclass
+class RedisServer:
+    """A ``redis-server`` on a unix socket: no TCP port (it cannot report an ephemeral one), the
+    socket open to this user only, no persistence."""
+
+    popen: subprocess.Popen[bytes]
+    socket_path: Path
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"unix://{self.socket_path}"
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        stop_process(self.popen, grace_s)
+
+
+def _answers_ping(path: Path) -> bool:
+    import socket
+
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            conn.settimeout(0.5)
+            conn.connect(str(path))
+            conn.sendall(b"PING\r\n")
+            return conn.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def start_redis(binary: str, workdir: Path, timeout_s: float = REDIS_START_TIMEOUT_S) -> RedisServer:
+    """Start ``binary`` (redis-server) on ``workdir``/redis.sock and wait until it answers PING.
+
+    Raises TfshieldError (and stops it) when it exits or stays silent; the caller stops it otherwise.
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    socket_path = workdir / "redis.sock"
+    log_path = workdir / "redis.log"
+    argv = [
+        binary, "--port", "0", "--unixsocket", str(socket_path), "--unixsocketperm", "700",
+        "--save", "", "--appendonly", "no", "--dir", str(workdir), "--logfile", str(log_path),
+    ]  # fmt: skip
+    popen = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, cwd=workdir)
+    server = RedisServer(popen, socket_path, log_path)
+    deadline = time.monotonic() + timeout_s
+    while not (socket_path.exists() and _answers_ping(socket_path)):
+        if popen.poll() is not None:
+            log = log_path.read_text(errors="replace") if log_path.exists() else ""
+            raise TfshieldError(f"redis-server exited with {popen.returncode} before it was ready:\n{log}")
+        if time.monotonic() > deadline:
+            server.stop()
+            raise TfshieldError(f"redis-server did not answer PING within {timeout_s:.0f} s")
+        time.sleep(0.02)
+    return server
