@@ -55,6 +55,7 @@ from typing import Any
 import numpy as np
 
 from gateway.errors import TfshieldError
+from gateway.model.processes import flushing_print
 
 DEFAULT_DETECTORS = ("validation", "mahalanobis", "feature_squeezing", "autoencoder", "margin")
 DEFAULT_TARGET_FPR = 0.01
@@ -725,7 +726,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    log = _flushing_print
+    log = flushing_print
     try:
         if args.from_demo:
             reference = demo_reference(args.cache_dir)
@@ -769,10 +770,6 @@ def main(argv: list[str]) -> int:
         print(f"tfshield calibrate: {exc}", file=sys.stderr)
         return 1
     return 0
-
-
-def _flushing_print(line: str) -> None:
-    print(line, flush=True)
 
 
 def _chunks(x: np.ndarray, size: int) -> Iterator[np.ndarray]:

@@ -55,6 +55,7 @@ import numpy as np
 
 from gateway.errors import TfshieldError
 from gateway.model.data import DEFAULT_SEED, NUM_CLASSES
+from gateway.model.processes import flushing_print
 
 DEMO_RECIPE = "mnist-cnn-v1"
 MODEL_NAME = "mnist"
@@ -399,7 +400,7 @@ def main(argv: list[str]) -> int:
 
     args = parse_args(argv)
     artifacts = DemoArtifacts.at(args.cache_dir)
-    log = _flushing_print
+    log = flushing_print
 
     log(f"[1/4] demo model ({artifacts.root})")
     if artifacts.is_complete():
@@ -503,14 +504,6 @@ def _print_summary(summary: TrafficSummary, metrics_port: int, log: Log) -> None
             log(f"    {line}")
     except OSError as exc:
         log(f"    (could not scrape the metrics: {exc})")
-
-
-def _flushing_print(line: str) -> None:
-    """Print now; if stdout is gone (a closed pipe), carry on so the clean-up still runs."""
-    try:
-        print(line, flush=True)
-    except (BrokenPipeError, ValueError):
-        pass
 
 
 if __name__ == "__main__":

@@ -125,6 +125,8 @@ from typing import Any
 import numpy as np
 
 from gateway.errors import TfshieldError
+from gateway.model.evaluate import add_common_arguments
+from gateway.model.processes import flushing_print
 
 MODEL_NAME = "mnist"
 INPUT_NAME = "images"
@@ -1324,12 +1326,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         description="Steal the demo model through the gateway (ART KnockoffNets, CopycatCNN) under each "
         "defence and report the stolen model's agreement next to benign clients' accuracy.",
     )
-    parser.add_argument(
-        "--out", type=Path, default=DEFAULT_OUT, help=f"results folder (default {DEFAULT_OUT})"
-    )
-    parser.add_argument("--quick", action="store_true", help="200 queries, 1 epoch, few digits (for tests)")
-    parser.add_argument(
-        "--seed", type=int, default=0, help="seeds pools, queries and substitutes (default 0)"
+    add_common_arguments(
+        parser,
+        DEFAULT_OUT,
+        quick="200 queries, 1 epoch, few digits (for tests)",
+        seed="seeds pools, queries and substitutes (default 0)",
     )
     parser.add_argument(
         "--conditions",
@@ -1351,9 +1352,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         type=Path,
         help="YAML merged into the default condition's gateway config (e.g. monitors.models)",
     )
-    parser.add_argument(
-        "--cache-dir", type=Path, help="demo model cache (default $TFSHIELD_CACHE or ~/.cache/tfshield)"
-    )
     args = parser.parse_args(argv)
     if args.query_batch is not None and args.query_batch < 1:
         parser.error("--query-batch must be >= 1")
@@ -1372,16 +1370,12 @@ def main(argv: list[str]) -> int:
             budgets=args.budgets,
             query_batch=args.query_batch,
             gateway_config=args.gateway_config,
-            log=_flushing_print,
+            log=flushing_print,
         )
     except TfshieldError as exc:
         print(f"tfshield eval extraction: {exc}", file=sys.stderr)
         return 1
     return 0
-
-
-def _flushing_print(line: str) -> None:
-    print(line, flush=True)
 
 
 if __name__ == "__main__":

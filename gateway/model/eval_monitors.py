@@ -73,6 +73,7 @@ from typing import Any
 import numpy as np
 
 from gateway.errors import TfshieldError
+from gateway.model.evaluate import add_common_arguments
 
 MODEL_NAME = "mnist"
 INPUT_NAME = "images"
@@ -1328,11 +1329,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         description="Query-based evasion and extraction attacks (IBM ART, black-box) and a benign crowd "
         "through one gateway with per-client monitors; reports who gets flagged and when.",
     )
-    parser.add_argument(
-        "--out", type=Path, default=DEFAULT_OUT, help=f"results folder (default {DEFAULT_OUT})"
-    )
-    parser.add_argument(
-        "--quick", action="store_true", help="tiny budgets and a few benign clients (for tests)"
+    add_common_arguments(
+        parser,
+        DEFAULT_OUT,
+        quick="tiny budgets and a few benign clients (for tests)",
+        seed="seeds the benign crowd and the attacks (default 0)",
     )
     parser.add_argument(
         "--target-fpr",
@@ -1344,10 +1345,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--attacks",
         default=",".join(EVASION + EXTRACTION),
         help=f"comma-separated subset of {','.join(EVASION + EXTRACTION)}",
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--cache-dir", type=Path, help="demo model cache (default $TFSHIELD_CACHE or ~/.cache/tfshield)"
     )
     return parser.parse_args(argv)
 

@@ -67,6 +67,7 @@ import numpy as np
 
 from gateway.errors import TfshieldError
 from gateway.model.calibrate import DEFAULT_DETECTORS
+from gateway.model.processes import flushing_print
 
 MODEL_NAME = "mnist"
 INPUT_NAME = "images"
@@ -851,11 +852,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "gateway.",
     )
     parser.add_argument("what", choices=["detectors"], help="what to evaluate")
-    parser.add_argument(
-        "--out", type=Path, default=DEFAULT_OUT, help=f"results folder (default {DEFAULT_OUT})"
-    )
-    parser.add_argument(
-        "--quick", action="store_true", help="a few digits and tiny attack budgets (for tests)"
+    add_common_arguments(
+        parser,
+        DEFAULT_OUT,
+        quick="a few digits and tiny attack budgets (for tests)",
+        seed="seeds the autoencoder's training (default 0)",
     )
     parser.add_argument(
         "--target-fpr",
@@ -863,11 +864,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=DEFAULT_TARGET_FPR,
         help=f"false-positive rate each detector is calibrated at (default {DEFAULT_TARGET_FPR})",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seeds the autoencoder's training (default 0)")
+    return parser.parse_args(argv)
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, default_out: Path, quick: str, seed: str) -> None:
+    """The options every ``tfshield eval`` command takes: --out, --quick, --seed, --cache-dir."""
+    parser.add_argument(
+        "--out", type=Path, default=default_out, help=f"results folder (default {default_out})"
+    )
+    parser.add_argument("--quick", action="store_true", help=quick)
+    parser.add_argument("--seed", type=int, default=0, help=seed)
     parser.add_argument(
         "--cache-dir", type=Path, help="demo model cache (default $TFSHIELD_CACHE or ~/.cache/tfshield)"
     )
-    return parser.parse_args(argv)
 
 
 def main(argv: list[str]) -> int:
@@ -881,15 +890,11 @@ def main(argv: list[str]) -> int:
         return extraction_main(argv[1:])
     args = parse_args(argv)
     try:
-        evaluate(args.out, args.cache_dir, args.quick, args.target_fpr, args.seed, log=_flushing_print)
+        evaluate(args.out, args.cache_dir, args.quick, args.target_fpr, args.seed, log=flushing_print)
     except TfshieldError as exc:
         print(f"tfshield eval: {exc}", file=sys.stderr)
         return 1
     return 0
-
-
-def _flushing_print(line: str) -> None:
-    print(line, flush=True)
 
 
 if __name__ == "__main__":

@@ -199,3 +199,12 @@ def start_redis(binary: str, workdir: Path, timeout_s: float = REDIS_START_TIMEO
             raise TfshieldError(f"redis-server did not answer PING within {timeout_s:.0f} s")
         time.sleep(0.02)
     return server
+
+
+def flushing_print(line: str) -> None:
+    """The model-side commands' progress lines, printed now (they run for minutes, often piped); if
+    stdout is gone (a closed pipe), carry on so the clean-up still runs."""
+    try:
+        print(line, flush=True)
+    except (BrokenPipeError, ValueError):
+        pass
