@@ -3,7 +3,14 @@
 Importing this package registers every detector by name (``detectors.base.REGISTRY``).
 """
 
-from detectors import autoencoder, mahalanobis, margin, squeeze, validation  # noqa: F401  (registers them)
+from detectors import (  # noqa: F401  (registers them)
+    autoencoder,
+    divergence,
+    mahalanobis,
+    margin,
+    squeeze,
+    validation,
+)
 from detectors.base import REGISTRY, Detection, Detector, detector_class
 
 __all__ = ["REGISTRY", "Detection", "Detector", "detector_class"]

@@ -16,6 +16,15 @@ a folder written by ``tfshield calibrate``):
 - **margin** reads the protected model's output in the forwarded response
   (the client's rows of it when feature squeezing shares the call): no extra
   upstream call.
+- **magnet_jsd** (MagNet's divergence) needs the model's output on AE(x):
+  the gateway awaits the autoencoder's reconstruction (the same call the
+  autoencoder detector uses) BEFORE forwarding, and adds AE(x) to the client's
+  own upstream call after feature squeezing's variants; the client gets only
+  its rows. Its cost is one autoencoder round trip ahead of the forward.
+- **fusion** (``fisher``, when the artefacts hold one): after every fused
+  detector has scored the call, their scores are combined into one verdict
+  with its own threshold (:mod:`detectors.fusion`); it is counted and acted
+  on like a detector named ``fisher``.
 
 Until the policy engine exists, a flag refuses the request with
 PERMISSION_DENIED only when the model's ``actions`` say ``block`` for that
@@ -54,7 +63,9 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from detectors.autoencoder import AutoencoderDetector
 from detectors.base import Detection, Detector
-from detectors.manifest import Manifest, load_artefacts
+from detectors.divergence import MagnetDivergence
+from detectors.fusion import FisherFusion
+from detectors.manifest import Manifest, load_artefacts, load_fusion
 from detectors.margin import MarginDetector
 from detectors.squeeze import FeatureSqueezing
 from detectors.validation import InputValidator
@@ -137,6 +148,16 @@ class ProtectedModel:
     autoencoder: AutoencoderDetector | None
     margin: MarginDetector | None = None
     batcher: MicroBatcher[BatchScores] | None = None
+    divergence: MagnetDivergence | None = None
+    fusion: FisherFusion | None = None
+
+    def autoencoder_call(self) -> tuple[str, str] | None:
+        """(model name, output) of the autoencoder call, when a detector needs AE(x)."""
+        if self.autoencoder is not None:
+            return self.autoencoder.model_name, self.autoencoder.output
+        if self.divergence is not None:
+            return self.divergence.autoencoder_model, self.divergence.autoencoder_output
+        return None
 
     def blocks(self, detector: str) -> bool:
         return self.actions.get(detector, "record") == "block"
@@ -151,6 +172,9 @@ class _CallState:
     autoencoder: asyncio.Task[np.ndarray] | None = None
     # The client's rows of the manifest's output, when feature squeezing decoded them already.
     outputs: np.ndarray | None = None
+    # Row blocks of the shared upstream call: the client's, squeeze variants, AE(x) (1 = not shared).
+    parts: int = 1
+    shares_reconstruction: bool = False
     detections: list[Detection] = field(default_factory=list)
 
 
@@ -205,6 +229,8 @@ class DetectStage(Stage):
                 protected.squeezer,
                 protected.autoencoder,
                 protected.margin,
+                protected.divergence,
+                protected.fusion,
             ):
                 if detector is not None:
                     self.metrics.errors.labels(detector.name)
@@ -219,7 +245,7 @@ class DetectStage(Stage):
                 manifest.model,
                 model_config.model,
             )
-        validator = squeezer = autoencoder = margin = None
+        validator = squeezer = autoencoder = margin = divergence = None
         batched: list[Detector] = []
         for detector in detectors.values():
             if isinstance(detector, InputValidator):
@@ -230,6 +256,8 @@ class DetectStage(Stage):
                 autoencoder = detector
             elif isinstance(detector, MarginDetector):
                 margin = detector
+            elif isinstance(detector, MagnetDivergence):
+                divergence = detector
             elif not detector.needs_predictor:
                 batched.append(detector)
             else:
@@ -237,8 +265,26 @@ class DetectStage(Stage):
                 raise ConfigError(
                     f"{where}: detector '{detector.name}' calls a model the gateway cannot feed"
                 )
+        if (
+            autoencoder is not None
+            and divergence is not None
+            and (autoencoder.model_name, autoencoder.output)
+            != (divergence.autoencoder_model, divergence.autoencoder_output)
+        ):
+            raise ConfigError(
+                f"{model_config.artefacts}: autoencoder and magnet_jsd must read the same autoencoder model "
+                f"and output, got '{autoencoder.model_name}' and '{divergence.autoencoder_model}'"
+            )
         return ProtectedModel(
-            manifest, dict(model_config.actions), validator, batched, squeezer, autoencoder, margin
+            manifest,
+            dict(model_config.actions),
+            validator,
+            batched,
+            squeezer,
+            autoencoder,
+            margin,
+            divergence=divergence,
+            fusion=load_fusion(model_config.artefacts, manifest),
         )
 
     def _batch_scorer(self, protected: ProtectedModel) -> Callable[[np.ndarray], BatchScores]:
@@ -260,7 +306,7 @@ class DetectStage(Stage):
 
         return score
 
-    def _observe(self, detector: Detector, model: str, scores: np.ndarray) -> np.ndarray:
+    def _observe(self, detector: Detector | FisherFusion, model: str, scores: np.ndarray) -> np.ndarray:
         flagged = scores > detector.threshold_
         # Thresholds can be 0 (a validator fitted on clean data): avoid dividing by it.
         scale = detector.threshold_ if detector.threshold_ > 0 else 1.0
@@ -297,7 +343,7 @@ class DetectStage(Stage):
         self.metrics.failures.labels(reason, "open").inc()
 
     def _verdict(
-        self, state: _CallState, detector: Detector, scores: np.ndarray, observed: bool = False
+        self, state: _CallState, detector: Detector | FisherFusion, scores: np.ndarray, observed: bool = False
     ) -> None:
         # Micro-batched scores were observed (histogram, flags) by the worker thread already.
         if observed:
@@ -329,12 +375,15 @@ class DetectStage(Stage):
         state = _CallState(protected, len(x), x)
         call.detect_state = state
 
-        if protected.autoencoder is not None:
+        if protected.autoencoder_call() is not None:
             state.autoencoder = asyncio.ensure_future(self._reconstruct(protected, x, call))
             # If the call is refused or the forward fails, nobody awaits the task: retrieve its error here.
             state.autoencoder.add_done_callback(_retrieve_exception)
-        if protected.squeezer is not None:
-            self._add_variants(call, state, protected.squeezer)
+        reconstruction = None
+        if protected.divergence is not None:
+            reconstruction = await self._reconstruction_rows(state, protected.divergence)
+        if protected.squeezer is not None or reconstruction is not None:
+            self._add_variants(call, state, protected.squeezer, reconstruction)
         elif protected.margin is not None and call.request.output_filter:
             self._request_output(call, state, protected.margin.output)
         if protected.batcher is not None:
@@ -350,17 +399,43 @@ class DetectStage(Stage):
                 else:
                     self._verdict(state, detector, result, observed=True)
 
-    def _add_variants(self, call: Call, state: _CallState, squeezer: FeatureSqueezing) -> None:
-        """Replace the forwarded request by one holding ``[x, *variants(x)]``."""
+    async def _reconstruction_rows(
+        self, state: _CallState, divergence: MagnetDivergence
+    ) -> np.ndarray | None:
+        """AE(x) for magnet_jsd's rows in the shared call; None (after the failure policy) if unavailable."""
+        assert state.autoencoder is not None
+        try:
+            return divergence.check_reconstruction(state.x, await state.autoencoder)
+        except (grpc.aio.AioRpcError, Exception) as exc:  # noqa: B014 (name the gRPC case)
+            self._fail("detector_error", divergence.name, exc)
+            return None
+
+    def _add_variants(
+        self,
+        call: Call,
+        state: _CallState,
+        squeezer: FeatureSqueezing | None,
+        reconstruction: np.ndarray | None = None,
+    ) -> None:
+        """Replace the forwarded request by one holding ``[x, *variants(x), AE(x)]`` (the parts present)."""
         assert call.request is not None
         name = state.model.manifest.input
         if len(call.request.inputs) != 1:
-            self._fail(
-                "detector_error", squeezer.name, ValueError("feature squeezing needs a single-input model")
-            )
+            for detector in (squeezer, state.model.divergence if reconstruction is not None else None):
+                if detector is not None:
+                    self._fail(
+                        "detector_error",
+                        detector.name,
+                        ValueError(f"{detector.name} needs a single-input model"),
+                    )
             return
         original = call.request.inputs[name]
-        batch = np.concatenate([state.x, *squeezer.variants(state.x)])
+        blocks = [state.x, *(squeezer.variants(state.x) if squeezer is not None else [])]
+        if reconstruction is not None:
+            blocks.append(reconstruction)
+            state.shares_reconstruction = True
+        state.parts = len(blocks)
+        batch = np.concatenate(blocks)
         request = predict_pb2.PredictRequest()
         request.CopyFrom(call.request)
         request.inputs[name].CopyFrom(numpy_to_tensor(batch, as_tensor_content=True, dtype=original.dtype))
@@ -383,27 +458,28 @@ class DetectStage(Stage):
             call.forward_raw = request.SerializeToString()
 
     async def _reconstruct(self, protected: ProtectedModel, x: np.ndarray, call: Call) -> np.ndarray:
-        assert protected.autoencoder is not None
+        target = protected.autoencoder_call()
+        assert target is not None
+        model_name, output = target
         pool = self._upstream()
         assert pool is not None
         request = predict_pb2.PredictRequest()
-        request.model_spec.name = protected.autoencoder.model_name
+        request.model_spec.name = model_name
         request.inputs[protected.manifest.input].CopyFrom(numpy_to_tensor(x, as_tensor_content=True))
         raw = await pool.callable_for(PREDICT_PATH)(request.SerializeToString(), timeout=call.timeout_s)
         response = predict_pb2.PredictResponse.FromString(raw)
-        tensor = response.outputs[protected.autoencoder.output]
-        return tensor_to_numpy(tensor, protected.autoencoder.output, RESPONSE_MAX_ELEMENTS)
+        return tensor_to_numpy(response.outputs[output], output, RESPONSE_MAX_ELEMENTS)
 
     async def on_response(self, call: Call, response: bytes) -> bytes:
         state = call.detect_state
         if not isinstance(state, _CallState):
             return response
         protected = state.model
-        if call.forward_raw is not None and protected.squeezer is not None:
-            response = self._score_squeezed(state, protected.squeezer, response)
+        if call.forward_raw is not None and state.parts > 1:
+            response = self._score_shared(state, protected.squeezer, response)
         if protected.margin is not None:
             response = self._score_margin(state, protected.margin, response)
-        if state.autoencoder is not None:
+        if state.autoencoder is not None and protected.autoencoder is not None:
             detector = protected.autoencoder
             assert detector is not None
             try:
@@ -413,21 +489,45 @@ class DetectStage(Stage):
                 self._fail("detector_error", detector.name, exc, answered=True)
             else:
                 self._verdict(state, detector, scores)
+        if protected.fusion is not None:
+            self._score_fusion(state, protected.fusion)
         return response
 
-    def _score_squeezed(self, state: _CallState, squeezer: FeatureSqueezing, raw: bytes) -> bytes:
-        """Score from the combined response; return the client's rows only."""
+    def _score_fusion(self, state: _CallState, fusion: FisherFusion) -> None:
+        """One verdict from the fused detectors' scores of this call (each must have scored it)."""
+        try:
+            scores = fusion.score({d.detector: d.scores for d in state.detections})
+        except Exception as exc:  # a member that failed (failure mode open) leaves the fusion unscored
+            self._fail("detector_error", fusion.name, exc, answered=True)
+            return
+        self._verdict(state, fusion, scores)
+
+    def _score_shared(self, state: _CallState, squeezer: FeatureSqueezing | None, raw: bytes) -> bytes:
+        """Score squeezing and magnet_jsd from the combined response; return the client's rows only."""
         response = predict_pb2.PredictResponse.FromString(raw)
-        n, parts = state.rows, 1 + len(squeezer.squeezers)
+        n, parts = state.rows, state.parts
         output = state.model.manifest.output
+        divergence = state.model.divergence if state.shares_reconstruction else None
         try:
             probabilities = tensor_to_numpy(response.outputs[output], output, RESPONSE_MAX_ELEMENTS)
-            original, *variants = np.split(probabilities, parts)
+            original, *rest = np.split(probabilities, parts)
             state.outputs = original
-            scores = squeezer.score_outputs(original, variants)
         except Exception as exc:  # a malformed or unexpected response must not escape unscored silently
-            self._fail("detector_error", squeezer.name, exc, answered=True)
-            scores = None
+            for detector in (squeezer, divergence):
+                if detector is not None:
+                    self._fail("detector_error", detector.name, exc, answered=True)
+            original, rest = None, []
+        scored: list[tuple[Detector, np.ndarray]] = []
+        if original is not None and divergence is not None:
+            try:
+                scored.append((divergence, divergence.score_outputs(original, rest.pop())))
+            except Exception as exc:
+                self._fail("detector_error", divergence.name, exc, answered=True)
+        if original is not None and squeezer is not None:
+            try:
+                scored.append((squeezer, squeezer.score_outputs(original, rest)))
+            except Exception as exc:
+                self._fail("detector_error", squeezer.name, exc, answered=True)
         for key, tensor in response.outputs.items():
             values = tensor_to_numpy(tensor, key, RESPONSE_MAX_ELEMENTS)
             if values.ndim and len(values) == n * parts:
@@ -437,8 +537,8 @@ class DetectStage(Stage):
                 tensor.CopyFrom(mine)
         if state.drop_output:
             del response.outputs[output]
-        if scores is not None:
-            self._verdict(state, squeezer, scores)
+        for detector, scores in reversed(scored):  # squeezing first, as before magnet_jsd existed
+            self._verdict(state, detector, scores)
         return response.SerializeToString()
 
     def _score_margin(self, state: _CallState, margin: MarginDetector, raw: bytes) -> bytes:

@@ -28,7 +28,11 @@ What it does (DESIGN.md, decision 4: thresholds are calibrated, never hand-set):
    server must (re)load that base path before the gateway starts with the
    artefacts (the reference server loads its models at start; TF Serving
    polls for new versions).
-5. Prints each threshold and its false-positive rate on the held-out part,
+5. With ``fusion_target_fpr`` (``--fusion-fpr``), fuses every score
+   detector but validation into one verdict (:mod:`detectors.fusion`,
+   Fisher's method over their benign tail p-values on the calibration part)
+   with its own threshold at that rate.
+6. Prints each threshold and its false-positive rate on the held-out part,
    and writes the artefact folder (:mod:`detectors.manifest`) that the
    gateway's ``detection.models[].artefacts`` points at.
 
@@ -57,7 +61,9 @@ import numpy as np
 from gateway.errors import TfshieldError
 from gateway.model.processes import flushing_print
 
-DEFAULT_DETECTORS = ("validation", "mahalanobis", "feature_squeezing", "autoencoder", "margin")
+DEFAULT_DETECTORS = ("validation", "mahalanobis", "feature_squeezing", "autoencoder", "margin", "magnet_jsd")
+# Detectors that need the autoencoder calibration trains and exports.
+AUTOENCODER_DETECTORS = ("autoencoder", "magnet_jsd")
 DEFAULT_TARGET_FPR = 0.01
 DEFAULT_SPLIT = (0.5, 0.25, 0.25)
 DEFAULT_BATCH_SIZE = 256
@@ -331,6 +337,7 @@ class CalibrationResult:
     split_sizes: dict[str, int]
     autoencoder_export: Path | None = None
     timings_s: dict[str, float] = field(default_factory=dict)
+    fusion: Any = None  # detectors.fusion.FisherFusion, or None
 
     @property
     def heldout_size(self) -> int:
@@ -338,8 +345,14 @@ class CalibrationResult:
 
     @property
     def combined_flagged(self) -> np.ndarray:
-        """Held-out samples flagged by any detector (what the gateway would flag)."""
-        return np.any(np.stack(list(self.heldout_flagged.values())), axis=0)
+        """Held-out samples the gateway would flag: by any detector, or with a fusion, by the fusion or
+        by input validation (the fused detectors' own flags are then recorded only)."""
+        if self.fusion is None:
+            return np.any(np.stack(list(self.heldout_flagged.values())), axis=0)
+        verdicts = [self.heldout_flagged[self.fusion.name]]
+        if "validation" in self.heldout_flagged:
+            verdicts.append(self.heldout_flagged["validation"])
+        return np.any(np.stack(verdicts), axis=0)
 
 
 def next_version(model_dir: Path) -> int:
@@ -365,6 +378,7 @@ def calibrate(
     autoencoder_model_base_path: str | os.PathLike[str] | None = None,
     autoencoder_epochs: int | None = None,
     detector_params: Mapping[str, Mapping[str, Any]] | None = None,
+    fusion_target_fpr: float | None = None,
     seed: int = 0,
     batch_size: int = DEFAULT_BATCH_SIZE,
     log: Log = print,
@@ -374,11 +388,14 @@ def calibrate(
     ``reference`` holds benign inputs (see :class:`ReferenceSplit`);
     ``detector_params`` overrides hyperparameters by detector name;
     ``autoencoder_epochs`` defaults to
-    :data:`gateway.model.autoencoder.DEFAULT_EPOCHS`. ``seed`` seeds the
+    :data:`gateway.model.autoencoder.DEFAULT_EPOCHS`. ``fusion_target_fpr``
+    (None: no fusion) adds a Fisher fusion of every detector but validation,
+    its threshold at that false-positive rate. ``seed`` seeds the
     autoencoder's training. Returns what was written, with the held-out flags.
     """
     import detectors as _registry  # noqa: F401  (registers every detector)
     from detectors.base import REGISTRY, DetectorError, detector_class
+    from detectors.fusion import FisherFusion
     from detectors.manifest import Manifest, write_artefacts
     from detectors.monitor import Monitor
 
@@ -396,12 +413,23 @@ def calibrate(
     out_dir = Path(out)
     timings: dict[str, float] = {}
     autoencoder_name = f"{model}{AUTOENCODER_SUFFIX}"
-    if "autoencoder" in names and autoencoder_model_base_path is None:
+    needs_autoencoder = [n for n in names if n in AUTOENCODER_DETECTORS]
+    if needs_autoencoder and autoencoder_model_base_path is None:
         raise CalibrationError(
-            "the autoencoder detector needs a model base path to export the trained autoencoder to "
-            f"(it is served as '{autoencoder_name}' beside '{model}'): pass --autoencoder-model-base-path "
-            "(or --model-base-path), or leave autoencoder out of --detectors"
+            f"the {' and '.join(needs_autoencoder)} detector(s) need a model base path to export the trained "
+            f"autoencoder to (it is served as '{autoencoder_name}' beside '{model}'): pass "
+            f"--autoencoder-model-base-path (or --model-base-path), or leave {', '.join(needs_autoencoder)} "
+            "out of --detectors"
         )
+    fused = [n for n in names if n != "validation"]
+    if fusion_target_fpr is not None:
+        if not 0.0 < fusion_target_fpr < 1.0:
+            raise CalibrationError(f"fusion target FPR must be in (0, 1), got {fusion_target_fpr}")
+        if len(fused) < 2:
+            raise CalibrationError(
+                f"a fusion needs at least 2 detectors besides validation, got {fused}; add detectors or "
+                "leave out --fusion-fpr"
+            )
 
     with UpstreamPredictor(upstream, model, input_name, output_name, batch_size=batch_size) as predictor:
         log(f"[1/4] signature '{signature_name}' of model '{model}' at {upstream}")
@@ -447,25 +475,32 @@ def calibrate(
                 detector = detector_class(name)(**{**defaults, **extra})
             elif name == "margin":
                 detector = detector_class(name)(**{"output": output_name, **extra})
-            elif name == "autoencoder":
-                assert autoencoder_model_base_path is not None
-                autoencoder_export = _train_and_export_autoencoder(
-                    reference,
-                    Path(autoencoder_model_base_path),
-                    autoencoder_name,
-                    input_name,
-                    autoencoder_epochs,
-                    seed,
-                    log,
-                )
+            elif name in AUTOENCODER_DETECTORS:
                 from gateway.model.autoencoder import OUTPUT_NAME
 
-                predictor.local[autoencoder_name] = saved_model_function(
-                    autoencoder_export, input_name, OUTPUT_NAME, batch_size
-                )
-                detector = detector_class(name)(
-                    **{"model_name": autoencoder_name, "output": OUTPUT_NAME, **extra}
-                )
+                if autoencoder_export is None:  # trained once, for both detectors that use it
+                    assert autoencoder_model_base_path is not None
+                    autoencoder_export = _train_and_export_autoencoder(
+                        reference,
+                        Path(autoencoder_model_base_path),
+                        autoencoder_name,
+                        input_name,
+                        autoencoder_epochs,
+                        seed,
+                        log,
+                    )
+                    predictor.local[autoencoder_name] = saved_model_function(
+                        autoencoder_export, input_name, OUTPUT_NAME, batch_size
+                    )
+                if name == "autoencoder":
+                    defaults = {"model_name": autoencoder_name, "output": OUTPUT_NAME}
+                else:
+                    defaults = {
+                        "autoencoder_model": autoencoder_name,
+                        "autoencoder_output": OUTPUT_NAME,
+                        "output": output_name,
+                    }
+                detector = detector_class(name)(**{**defaults, **extra})
             else:
                 detector = detector_class(name)(**extra)
             calls = dict(predictor.calls)
@@ -479,11 +514,32 @@ def calibrate(
             log(f"  {name:<18} threshold {detector.threshold_:.6g}  ({timings[name]:.1f} s{upstream_note})")
             fitted[name] = detector
 
+        fusion = None
+        if fusion_target_fpr is not None:
+            started = time.monotonic()
+            fusion = FisherFusion(fused).fit(
+                {
+                    name: fitted[name].score(
+                        reference.calibration, predictor if fitted[name].needs_predictor else None
+                    )
+                    for name in fused
+                }
+            )
+            fusion.calibrate(fusion_target_fpr)
+            timings[fusion.name] = time.monotonic() - started
+            log(
+                f"  {'fusion ' + fusion.name:<18} threshold {fusion.threshold_:.6g}  over {', '.join(fused)} "
+                f"at target FPR {fusion_target_fpr:.4g} ({timings[fusion.name]:.1f} s)"
+            )
+
         log(f"[4/4] false positives on the {sizes['heldout']} held-out samples; writing {out_dir}")
-        flagged = {
-            name: detector.detect(reference.heldout, predictor if detector.needs_predictor else None).flagged
+        heldout_scores = {
+            name: detector.score(reference.heldout, predictor if detector.needs_predictor else None)
             for name, detector in fitted.items()
         }
+        flagged = {name: heldout_scores[name] > fitted[name].threshold_ for name in fitted}
+        if fusion is not None:
+            flagged[fusion.name] = fusion.flagged(fusion.score(heldout_scores))
 
     manifest = Manifest(
         model=model,
@@ -493,9 +549,10 @@ def calibrate(
         target_fpr=float(target_fpr),
         heldout_fpr={name: float(f.mean()) for name, f in flagged.items()},
         created_unix_s=time.time(),
+        fusion=fusion.name if fusion is not None else "",
     )
-    write_artefacts(out_dir, manifest, fitted)
-    result = CalibrationResult(out_dir, manifest, fitted, flagged, sizes, autoencoder_export, timings)
+    write_artefacts(out_dir, manifest, fitted, fusion)
+    result = CalibrationResult(out_dir, manifest, fitted, flagged, sizes, autoencoder_export, timings, fusion)
     for line in format_report(result).splitlines():
         log(line)
     return result
@@ -608,16 +665,35 @@ def format_report(result: CalibrationResult) -> str:
     bound = target + 3 * math.sqrt(target * (1 - target) / n)
     lines = [
         f"{'detector':<18} {'threshold':>12} {'target FPR':>11} {'held-out FPR':>13}  (n = {n}; 3σ bound "
-        f"{bound:.2%})"
+        f"{bound:.2%} per detector)"
     ]
     rows = [
         (name, f"{result.detectors[name].threshold_:.6g}", f"{target:.2%}", flags)
         for name, flags in result.heldout_flagged.items()
+        if name in result.detectors
     ]
-    rows.append(("any (combined)", "", "", result.combined_flagged))
+    if result.fusion is not None:
+        fusion = result.fusion
+        rows.append(
+            (
+                f"fusion {fusion.name}",
+                f"{fusion.threshold_:.6g}",
+                f"{fusion.target_fpr_:.2%}",
+                result.heldout_flagged[fusion.name],
+            )
+        )
+    combined = "validation+fusion" if result.fusion is not None else "any (combined)"
+    rows.append((combined, "", "", result.combined_flagged))
+    fusion_bound = (
+        result.fusion.target_fpr_
+        + 3 * math.sqrt(result.fusion.target_fpr_ * (1 - result.fusion.target_fpr_) / n)
+        if result.fusion is not None
+        else bound
+    )
     for name, threshold, target_text, flags in rows:
         fpr = float(flags.mean())
-        note = "  above the 3σ bound" if target_text and fpr > bound else ""
+        row_bound = fusion_bound if name.startswith("fusion ") else bound
+        note = "  above the 3σ bound" if target_text and fpr > row_bound else ""
         lines.append(
             f"{name:<18} {threshold:>12} {target_text:>11} {fpr:>7.2%} ({int(flags.sum())}/{n}){note}"
         )
@@ -662,6 +738,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--detectors",
         default=",".join(DEFAULT_DETECTORS),
         help=f"comma-separated detector names (default {','.join(DEFAULT_DETECTORS)})",
+    )
+    parser.add_argument(
+        "--fusion-fpr",
+        type=float,
+        help="also fuse every detector but validation into one verdict (Fisher's method over their benign "
+        "p-values) with its threshold at this false-positive rate; the fused detectors' own flags are "
+        "then recorded only (default: no fusion)",
     )
     parser.add_argument("--input", default="images", help="the input the detectors read (default images)")
     parser.add_argument(
@@ -749,6 +832,7 @@ def main(argv: list[str]) -> int:
             signature_name=args.signature,
             autoencoder_model_base_path=args.autoencoder_model_base_path or args.model_base_path,
             autoencoder_epochs=args.autoencoder_epochs,
+            fusion_target_fpr=args.fusion_fpr,
             seed=args.seed,
             batch_size=args.batch_size,
             log=log,

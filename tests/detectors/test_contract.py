@@ -42,6 +42,7 @@ CASES: dict[str, Callable[[], Detector]] = {
     "feature_squeezing": lambda: REGISTRY["feature_squeezing"](),
     "autoencoder": lambda: REGISTRY["autoencoder"](),
     "margin": lambda: REGISTRY["margin"](),
+    "magnet_jsd": lambda: REGISTRY["magnet_jsd"](),
 }
 
 

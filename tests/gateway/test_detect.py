@@ -31,7 +31,7 @@ from tests.gateway.detect_fixtures import (
 )
 from tests.procs import Proc
 
-DETECTORS_WITH_SCORES = ("mahalanobis", "feature_squeezing", "autoencoder", "margin")
+DETECTORS_WITH_SCORES = ("mahalanobis", "feature_squeezing", "autoencoder", "margin", "magnet_jsd")
 
 
 def upstream_predicts(model_server: Proc) -> int:
@@ -189,6 +189,100 @@ def test_every_detector_costs_one_model_call_and_one_autoencoder_call(
     response = predict(detect_gateway.address(), reference.heldout[:4])
     assert upstream_predicts(detect_model_server) == before + 2
     assert tf.make_ndarray(response.outputs["probabilities"]).shape == (4, 10)
+
+
+@pytest.fixture(scope="module")
+def divergence_gateway(calibration, detect_model_server, tmp_path_factory) -> Iterator[Proc]:
+    """MagNet's divergence only: the autoencoder call, then AE(x) in the client's own model call."""
+    yield from single_detector_gateway("magnet_jsd", calibration, detect_model_server, tmp_path_factory)
+
+
+def test_magnet_jsd_sends_the_reconstructions_in_the_clients_call_and_returns_only_its_rows(
+    divergence_gateway, detect_model_server, calibration, reference, upstream_predictor
+):
+    x = np.concatenate([reference.heldout[:3], noise(2, seed=4)])
+    before, samples_before = upstream_predicts(detect_model_server), metrics_samples(divergence_gateway)
+    through = predict(divergence_gateway.address(), x)
+    assert upstream_predicts(detect_model_server) == before + 2  # the autoencoder, then the model once
+    direct = predict(detect_model_server.address(), x)
+    assert sorted(through.outputs) == sorted(direct.outputs) == ["logits", "probabilities"]
+    for key in direct.outputs:
+        mine, theirs = tf.make_ndarray(through.outputs[key]), tf.make_ndarray(direct.outputs[key])
+        assert mine.shape == theirs.shape == (5, 10)
+        assert through.outputs[key].dtype == direct.outputs[key].dtype
+        np.testing.assert_allclose(mine, theirs, rtol=1e-5, atol=1e-6)
+    after = metrics_samples(divergence_gateway)
+    assert score_count(after, "magnet_jsd") - score_count(samples_before, "magnet_jsd") == 5
+    detector = calibration.detectors["magnet_jsd"]
+    offline = detector.detect(x, upstream_predictor)
+    assert flags_total(after, "magnet_jsd") - flags_total(samples_before, "magnet_jsd") == int(
+        offline.flagged.sum()
+    )
+    # The scores themselves (observed in units of the threshold) are the offline ones.
+    key = ("tfshield_detector_score_sum", (("detector", "magnet_jsd"), ("model", MODEL)))
+    observed = after[key] - samples_before.get(key, 0.0)
+    assert observed == pytest.approx(float((offline.scores / detector.threshold_).sum()), rel=1e-3)
+    assert observed > 0
+
+
+@pytest.fixture(scope="module")
+def fused(calibration, reference, upstream_predictor, tmp_path_factory) -> tuple[Path, Any]:
+    """The session's detectors plus a Fisher fusion of every one but validation, at 10 % target FPR."""
+    import dataclasses
+
+    from detectors.base import Detector
+    from detectors.fusion import FisherFusion
+    from detectors.manifest import write_artefacts
+
+    names = calibration.manifest.detectors
+    members = [n for n in names if n != "validation"]
+    benign = {n: calibration.detectors[n].score(reference.calibration, upstream_predictor) for n in members}
+    fusion = FisherFusion(members).fit(benign).calibrate(0.10)
+    manifest = dataclasses.replace(calibration.manifest, fusion=fusion.name)
+    folder = tmp_path_factory.mktemp("fused") / "artefacts"
+    detectors = {n: Detector.load(calibration.out / n) for n in names}
+    return write_artefacts(folder, manifest, detectors, fusion), fusion
+
+
+@pytest.fixture(scope="module")
+def fusion_gateway(fused, detect_model_server, tmp_path_factory) -> Iterator[Proc]:
+    proc = start_gateway(
+        tmp_path_factory.mktemp("fusion-gateway"),
+        detect_model_server.address(),
+        config=detection_config(fused[0]),
+    )
+    yield proc
+    proc.stop()
+
+
+def test_the_fusion_flags_each_digit_as_the_offline_fusion_does(
+    fusion_gateway, fused, calibration, reference, upstream_predictor
+):
+    _, fusion = fused
+    x = np.concatenate([reference.heldout[220:232], noise(2, seed=5)])
+    offline = fusion.flagged(
+        fusion.score({n: calibration.detectors[n].score(x, upstream_predictor) for n in fusion.members})
+    )
+    assert offline[-2:].all() and not offline[:12].all()
+    before = metrics_samples(fusion_gateway)
+    for i in range(len(x)):
+        predict(fusion_gateway.address(), x[i : i + 1])
+        after = metrics_samples(fusion_gateway)
+        assert flags_total(after, "fisher") - flags_total(before, "fisher") == int(offline[i]), i
+        before = after
+
+
+def test_a_blocking_fusion_refuses_naming_its_rule(fused, detect_model_server, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("fusion-block")
+    config = detection_config(fused[0], fisher="block")
+    proc = start_gateway(workdir, detect_model_server.address(), config=config)
+    try:
+        with pytest.raises(grpc.RpcError) as caught:
+            predict(proc.address(), noise(1, seed=6))
+        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert caught.value.details() == "request refused by rule 'detector:fisher'"
+    finally:
+        proc.stop()
 
 
 # -- verdicts and metrics ------------------------------------------------------------------------

@@ -66,9 +66,9 @@ def test_autoencoder_without_a_base_path_is_refused_before_any_work(reference) -
     with pytest.raises(CalibrationError) as raised:
         calibrate(MODEL, reference, "127.0.0.1:1", "unused", detectors=["autoencoder"], log=lambda line: None)
     assert str(raised.value) == (
-        "the autoencoder detector needs a model base path to export the trained autoencoder to (it is served "
-        "as 'mnist_autoencoder' beside 'mnist'): pass --autoencoder-model-base-path (or --model-base-path), "
-        "or leave autoencoder out of --detectors"
+        "the autoencoder detector(s) need a model base path to export the trained autoencoder to (it is "
+        "served as 'mnist_autoencoder' beside 'mnist'): pass --autoencoder-model-base-path (or "
+        "--model-base-path), or leave autoencoder out of --detectors"
     )
 
 
@@ -87,7 +87,16 @@ def test_unknown_detector_lists_the_known_ones(reference) -> None:
 def test_manifest_names_the_model_its_input_output_and_detectors(calibration) -> None:
     manifest, detectors = load_artefacts(calibration.out)
     assert (manifest.model, manifest.input, manifest.output) == ("mnist", "images", "probabilities")
-    assert manifest.detectors == ("validation", "mahalanobis", "feature_squeezing", "autoencoder", "margin")
+    assert manifest.detectors == (
+        "validation",
+        "mahalanobis",
+        "feature_squeezing",
+        "autoencoder",
+        "margin",
+        "magnet_jsd",
+    )
+    assert manifest.fusion == ""  # no fusion unless asked for
+    assert detectors["magnet_jsd"].autoencoder_model == AUTOENCODER
     assert detectors["margin"].output == "probabilities"
     assert manifest.target_fpr == TARGET_FPR
     assert manifest.heldout_fpr == {name: float(f.mean()) for name, f in calibration.heldout_flagged.items()}
@@ -169,3 +178,32 @@ def test_cli_calibrates_from_a_reference_file(model_server, model_cache_dir, tmp
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["detectors"] == ["validation", "mahalanobis", "feature_squeezing"]
     assert sorted(manifest["heldout_fpr"]) == ["feature_squeezing", "mahalanobis", "validation"]
+
+
+def test_a_fusion_is_calibrated_on_the_calibration_part_saved_and_reloaded(
+    model_server, reference, tmp_path
+) -> None:
+    from detectors.manifest import load_fusion
+
+    result = calibrate(
+        MODEL,
+        reference,
+        model_server.address(),
+        tmp_path / "fused",
+        target_fpr=TARGET_FPR,
+        detectors=["validation", "mahalanobis", "margin"],
+        fusion_target_fpr=TARGET_FPR,
+        log=lambda line: None,
+    )
+    manifest, _ = load_artefacts(tmp_path / "fused")
+    fusion = load_fusion(tmp_path / "fused", manifest)
+    assert manifest.fusion == "fisher" and fusion is not None
+    assert fusion.members == ("mahalanobis", "margin")
+    assert (fusion.threshold_, fusion.target_fpr_) == (result.fusion.threshold_, TARGET_FPR)
+    flagged = result.heldout_flagged["fisher"]
+    assert manifest.heldout_fpr["fisher"] == float(flagged.mean())
+    n_calibration, n_heldout = len(reference.calibration), len(reference.heldout)
+    sigma = math.sqrt(TARGET_FPR * (1 - TARGET_FPR) * (1 / n_calibration + 1 / n_heldout))
+    assert abs(float(flagged.mean()) - TARGET_FPR) <= 3 * sigma
+    # The gateway's verdict with a fusion: the fusion's or validation's, not any detector's.
+    assert np.array_equal(result.combined_flagged, flagged | result.heldout_flagged["validation"])

@@ -83,7 +83,9 @@ def test_quick_eval_sends_attacks_through_the_gateway_and_writes_the_report(
     assert all(a["served_not_adversarial"] == 0 and a["errors"] == {} for a in report["attacks"].values())
     agreement = report["gateway_vs_offline"]
     assert agreement["disagreements"] == 0
-    assert agreement["verdicts"] == (24 + sent) * len(DEFAULT_DETECTORS)  # every digit, every detector
+    # every digit: every detector and the fusion
+    assert agreement["verdicts"] == (24 + sent) * (len(DEFAULT_DETECTORS) + 1)
+    assert report["calibration"]["fusion_target_fpr"] == 0.02
     assert any("gateway vs offline verdicts" in line for line in lines)
 
     assert json.loads((out / "detection_eval.json").read_text()) == report
