@@ -255,6 +255,9 @@ class GatewayConfig:
     allow_reload_config: bool = False
     # On SIGTERM, in-flight calls get this long to finish before they are cancelled.
     shutdown_grace_s: float = 10.0
+    # The asyncio event loop `tfshield serve` runs on: "uvloop" (the `fast` extra; required),
+    # "asyncio" (the standard library's), or "auto": uvloop when it is installed.
+    event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
 
     def validate(self, path: str) -> None:
         _require(":" in self.listen, f"{path}listen", "must be host:port")

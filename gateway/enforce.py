@@ -53,6 +53,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import numpy as np
@@ -153,6 +154,15 @@ class EnforceMetrics:
             self.perturb_failures.labels(mode)
         for outcome in ("delayed", "rejected"):
             self.throttled.labels(outcome)
+        # Children of ``decisions`` by (action, model label): bounded, as both label sets are.
+        self._decision_children: dict[tuple[str, str], Any] = {}
+
+    def decision_counter(self, action: str, model: str) -> Any:
+        """``decisions.labels(action, model)``, looked up once per pair."""
+        child = self._decision_children.get((action, model))
+        if child is None:
+            child = self._decision_children[(action, model)] = self.decisions.labels(action, model)
+        return child
 
 
 @dataclass(slots=True)
@@ -164,6 +174,9 @@ class PolicyCallState:
     throttled: bool = False  # a token was already taken for this call
     decision: Decision | None = None  # the final decision, once made
     keys: dict[int, np.ndarray] = field(default_factory=dict)
+    # (risk, decision) of a decide() that saw no detection and no monitor result: deciding is
+    # pure, so a second decide() that sees none either at the same risk gives the same answer.
+    quiet: tuple[float, Decision] | None = None
 
 
 def _no_detections(call: Call) -> Sequence[DetectionLike]:
@@ -217,20 +230,22 @@ class Enforcer:
     # -- deciding --------------------------------------------------------------------------------
 
     def decide(self, call: Call, state: PolicyCallState) -> Decision:
-        return state.policy.decide(
-            call.model,
-            state.signature,
-            call.client_id,
-            self.detections_of(call),
-            self.risk_of(call),
-            self.monitors_of(call),
+        detections, risk, monitors = self.detections_of(call), self.risk_of(call), self.monitors_of(call)
+        quiet = not detections and not monitors
+        if quiet and state.quiet is not None and state.quiet[0] == risk:
+            return state.quiet[1]  # the respond stage of a call nothing was found in: decided already
+        decision = state.policy.decide(
+            call.model, state.signature, call.client_id, detections, risk, monitors
         )
+        if quiet:
+            state.quiet = (risk, decision)
+        return decision
 
     async def settle(self, call: Call, state: PolicyCallState, decision: Decision) -> None:
         """Make ``decision`` the call's: count it and record it (closed audit failure: refuse)."""
         state.decision = decision
         model = self.model_label(call.model)
-        self.metrics.decisions.labels(decision.action, model).inc()
+        self.metrics.decision_counter(decision.action, model).inc()
         for shadow in decision.shadowed:
             self.metrics.shadow_decisions.labels(shadow.action, model).inc()
         if self.audit is None or not decision.recorded:

@@ -141,7 +141,8 @@ def test_gateway_image_gets_no_tensorflow(dockerfile) -> None:
     assert copies == ["--from=build /opt/tfshield /opt/tfshield"]
     build_runs = " ".join(i.args for i in stages["build"].all("RUN"))
     assert "[model]" not in build_runs and "tensorflow" not in build_runs.lower()
-    assert '"/src[redis]"' in build_runs  # the production overlay's monitors use Redis
+    # The production overlay's monitors use Redis; uvloop is the faster event loop.
+    assert '"/src[redis,fast]"' in build_runs
     assert "/src[model]" in " ".join(i.args for i in stages["build-model-tools"].all("RUN"))
     assert [i.args for i in stages["model-tools"].all("COPY")] == [
         "--from=build-model-tools /opt/tfshield /opt/tfshield"
@@ -264,7 +265,9 @@ def test_build_context_leaves_out_tests_git_and_secrets() -> None:
 def test_constraints_pin_every_dependency_within_pyproject() -> None:
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
-    wanted = [Requirement(r) for r in project["dependencies"] + extras["model"] + extras["redis"]]
+    wanted = [
+        Requirement(r) for r in project["dependencies"] + extras["model"] + extras["redis"] + extras["fast"]
+    ]
     pins = {}
     for line in CONSTRAINTS.read_text().splitlines():
         if line.strip() and not line.startswith("#"):

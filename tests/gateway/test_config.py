@@ -28,8 +28,10 @@ def test_nested_values_are_typed() -> None:
         (
             {"upstrem": {}},
             "upstrem: unknown key; known keys here: allow_reload_config, audit, control, detection, "
-            "identity, keepalive, limits, listen, metrics, monitors, policy, shutdown_grace_s, tls, upstream",
+            "event_loop, identity, keepalive, limits, listen, metrics, monitors, policy, shutdown_grace_s, "
+            "tls, upstream",
         ),
+        ({"event_loop": "trio"}, "event_loop: must be one of auto, asyncio, uvloop, not 'trio'"),
         ({"upstream": {"channels": 0}}, "upstream.channels: must be between 1 and 64"),
         ({"upstream": {"channels": "2"}}, "upstream.channels: must be int, not '2'"),
         ({"upstream": {"target": "nohost"}}, "upstream.target: must be host:port"),

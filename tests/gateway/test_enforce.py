@@ -153,6 +153,20 @@ async def test_a_verdict_that_arrives_with_the_response_can_still_block_it() -> 
     assert harness.count("tfshield_decisions_total", action="allow", model="mnist") == 0
 
 
+async def test_a_risk_that_rises_while_the_call_is_upstream_is_decided_again() -> None:
+    # Nothing flagged at either half, so the respond half may reuse the request half's decision
+    # only while the risk is the same.
+    harness = Harness()
+    x, probs = digits()
+    call = predict_call(x)
+    await harness.enforcer.decide_stage.on_request(call)
+    harness.verdicts[call.client_id] = Verdicts(risk=0.97)
+    with pytest.raises(Refusal) as refusal:
+        await harness.enforcer.respond_stage.on_response(call, response_for(probs))
+    assert refusal.value.message == "request refused by rule 'ladder.4'"
+    assert harness.count("tfshield_decisions_total", action="block", model="mnist") == 1
+
+
 # -- throttle --------------------------------------------------------------------------------------------
 
 

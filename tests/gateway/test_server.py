@@ -343,6 +343,55 @@ def test_sigterm_drains_in_flight_calls(model_server: Proc, tmp_path) -> None:
         proc.stop()
 
 
+def test_in_flight_gauge_counts_calls_being_handled(model_server: Proc, tmp_path) -> None:
+    proc = start_gateway(tmp_path, model_server.address())
+    raw = predict_request("echo", {"x": np.ones((1, 2), np.float32)}).SerializeToString()
+    gauge = ("tfshield_in_flight_requests", ())
+    try:
+        assert metrics_samples(proc)[gauge] == 0.0
+        worker = threading.Thread(
+            target=raw_unary,
+            args=(proc.address(), PREDICT, raw),
+            kwargs={"metadata": (("x-sleep-ms", "1500"),), "timeout": 20},
+        )
+        worker.start()
+        deadline = time.monotonic() + 1.2
+        seen = 0.0
+        while time.monotonic() < deadline and seen == 0.0:
+            seen = metrics_samples(proc)[gauge]
+            time.sleep(0.05)
+        worker.join(20)
+        assert seen == 1.0
+        assert metrics_samples(proc)[gauge] == 0.0
+    finally:
+        proc.stop()
+
+
+@pytest.mark.parametrize("choice", ["asyncio", "uvloop"])
+def test_event_loop_is_the_configured_one(model_server: Proc, tmp_path, choice: str) -> None:
+    if choice == "uvloop":
+        pytest.importorskip("uvloop")
+    proc = start_gateway(tmp_path, model_server.address(), config={"event_loop": choice})
+    try:
+        assert proc.info["event_loop"] == choice
+        raw = predict_request("echo", {"x": np.ones((1, 2), np.float32)}).SerializeToString()
+        direct, _ = raw_unary(model_server.address(), PREDICT, raw, timeout=30)
+        through, _ = raw_unary(proc.address(), PREDICT, raw, timeout=30)
+        assert through == direct
+    finally:
+        proc.stop()
+
+
+def test_event_loop_auto_uses_uvloop_when_installed(gateway: Proc) -> None:
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        expected = "asyncio"
+    else:
+        expected = "uvloop"
+    assert gateway.info["event_loop"] == expected
+
+
 # -- TLS ------------------------------------------------------------------------
 
 
