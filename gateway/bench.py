@@ -913,6 +913,7 @@ def format_report(results: dict[str, Any]) -> str:
         f"  (runs: {', '.join(f'{x * 1000:.0f}' for x in startup['spawn_to_first_response_s'])} ms)",
         f"  RSS idle after warm-up: {gateway['idle_rss_mb']:.1f} MB (USS {gateway['idle_uss_mb']:.1f} MB); "
         f"after the run: {gateway['final_rss_mb']:.1f} MB",
+        f"  event loop: {gateway.get('event_loop', 'asyncio')} (config event_loop; uvloop is the fast extra)",
         "  TensorFlow loaded: "
         + ("NO (no tensorflow library mapped)" if not gateway["tensorflow_mapped"]
            else "YES: " + ", ".join(gateway["tensorflow_mapped"])),
@@ -1395,6 +1396,7 @@ def run(settings: Settings) -> dict[str, Any]:
                 "final_rss_mb": final["rss_mb"],
                 "tensorflow_mapped": tf_maps,
                 "tensorflow_loaded": bool(tf_maps),
+                "event_loop": gateway.info.get("event_loop", "asyncio"),
             }
             results["others"] = {"model server": rss_mb(server.pid)}
             if detector_gateways:

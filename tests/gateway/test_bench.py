@@ -71,6 +71,8 @@ def test_quick_bench_writes_every_row_with_positive_numbers(tmp_path: Path) -> N
     assert startup["spawn_to_ready_s_median"] > 0
     assert startup["spawn_to_first_response_s_median"] >= startup["spawn_to_ready_s_median"]
     assert gateway["tensorflow_loaded"] is False
+    assert gateway["event_loop"] in ("asyncio", "uvloop")
+    assert f"event loop: {gateway['event_loop']}" in text
     assert {check["target"].split(",")[0] for check in results["targets"]} == {
         "added p50", "throughput vs direct", "idle RSS", "start-up"
     }
