@@ -23,8 +23,9 @@ a folder written by ``tfshield calibrate``):
   its rows. Its cost is one autoencoder round trip ahead of the forward.
 - **fusion** (``fisher``, when the artefacts hold one): after every fused
   detector has scored the call, their scores are combined into one verdict
-  with its own threshold (:mod:`detectors.fusion`); it is counted and acted
-  on like a detector named ``fisher``.
+  (:mod:`detectors.fusion`: Fisher's method, OR the members it lets flag
+  alone, such as margin), its score in units of its part thresholds; it is
+  counted and acted on like a detector named ``fisher``.
 
 Until the policy engine exists, a flag refuses the request with
 PERMISSION_DENIED only when the model's ``actions`` say ``block`` for that

@@ -31,7 +31,9 @@ What it does (DESIGN.md, decision 4: thresholds are calibrated, never hand-set):
 5. With ``fusion_target_fpr`` (``--fusion-fpr``), fuses every score
    detector but validation into one verdict (:mod:`detectors.fusion`,
    Fisher's method over their benign tail p-values on the calibration part)
-   with its own threshold at that rate.
+   with its own threshold at that rate; the members in ``fusion_alone``
+   (``--fusion-alone``, default ``margin`` when it is fused) may also flag
+   by their own p-value, the rate split evenly between Fisher and each of them.
 6. Prints each threshold and its false-positive rate on the held-out part,
    and writes the artefact folder (:mod:`detectors.manifest`) that the
    gateway's ``detection.models[].artefacts`` points at.
@@ -65,6 +67,9 @@ DEFAULT_DETECTORS = ("validation", "mahalanobis", "feature_squeezing", "autoenco
 # Detectors that need the autoencoder calibration trains and exports.
 AUTOENCODER_DETECTORS = ("autoencoder", "magnet_jsd")
 DEFAULT_TARGET_FPR = 0.01
+# Fused detectors that may flag by their own p-value (detectors.fusion: the p-value floor): margin sees
+# the minimum-distortion attacks' boundary examples that the other members often do not.
+DEFAULT_FUSION_ALONE = ("margin",)
 DEFAULT_SPLIT = (0.5, 0.25, 0.25)
 DEFAULT_BATCH_SIZE = 256
 DEFAULT_SIGNATURE = "serving_default"
@@ -379,6 +384,7 @@ def calibrate(
     autoencoder_epochs: int | None = None,
     detector_params: Mapping[str, Mapping[str, Any]] | None = None,
     fusion_target_fpr: float | None = None,
+    fusion_alone: Sequence[str] | None = None,
     seed: int = 0,
     batch_size: int = DEFAULT_BATCH_SIZE,
     log: Log = print,
@@ -390,7 +396,9 @@ def calibrate(
     ``autoencoder_epochs`` defaults to
     :data:`gateway.model.autoencoder.DEFAULT_EPOCHS`. ``fusion_target_fpr``
     (None: no fusion) adds a Fisher fusion of every detector but validation,
-    its threshold at that false-positive rate. ``seed`` seeds the
+    its threshold at that false-positive rate; ``fusion_alone`` names the fused
+    detectors that may also flag by their own p-value (None:
+    :data:`DEFAULT_FUSION_ALONE` among the fused ones). ``seed`` seeds the
     autoencoder's training. Returns what was written, with the held-out flags.
     """
     import detectors as _registry  # noqa: F401  (registers every detector)
@@ -429,6 +437,16 @@ def calibrate(
             raise CalibrationError(
                 f"a fusion needs at least 2 detectors besides validation, got {fused}; add detectors or "
                 "leave out --fusion-fpr"
+            )
+    if fusion_alone is None:
+        alone = [n for n in DEFAULT_FUSION_ALONE if n in fused]
+    elif fusion_alone and fusion_target_fpr is None:
+        raise CalibrationError("--fusion-alone names parts of a fusion; pass --fusion-fpr too")
+    else:
+        alone = list(dict.fromkeys(fusion_alone))
+        if not_fused := [n for n in alone if n not in fused]:
+            raise CalibrationError(
+                f"--fusion-alone names detectors that are not fused: {not_fused}; fused: {', '.join(fused)}"
             )
 
     with UpstreamPredictor(upstream, model, input_name, output_name, batch_size=batch_size) as predictor:
@@ -517,7 +535,7 @@ def calibrate(
         fusion = None
         if fusion_target_fpr is not None:
             started = time.monotonic()
-            fusion = FisherFusion(fused).fit(
+            fusion = FisherFusion(fused, alone).fit(
                 {
                     name: fitted[name].score(
                         reference.calibration, predictor if fitted[name].needs_predictor else None
@@ -527,9 +545,11 @@ def calibrate(
             )
             fusion.calibrate(fusion_target_fpr)
             timings[fusion.name] = time.monotonic() - started
+            parts = ", ".join(f"{part} > {t:.6g}" for part, t in fusion.part_thresholds_.items())
             log(
-                f"  {'fusion ' + fusion.name:<18} threshold {fusion.threshold_:.6g}  over {', '.join(fused)} "
-                f"at target FPR {fusion_target_fpr:.4g} ({timings[fusion.name]:.1f} s)"
+                f"  {'fusion ' + fusion.name:<18} over {', '.join(fused)} at target FPR "
+                f"{fusion_target_fpr:.4g}, {fusion_target_fpr / len(fusion.parts):.4g} per part: {parts} "
+                f"({timings[fusion.name]:.1f} s)"
             )
 
         log(f"[4/4] false positives on the {sizes['heldout']} held-out samples; writing {out_dir}")
@@ -677,7 +697,9 @@ def format_report(result: CalibrationResult) -> str:
         rows.append(
             (
                 f"fusion {fusion.name}",
-                f"{fusion.threshold_:.6g}",
+                # One statistic threshold per part (Fisher's, then each alone member's); the score is in
+                # their units, so its own threshold is 1.
+                "/".join(f"{t:.4g}" for t in fusion.part_thresholds_.values()),
                 f"{fusion.target_fpr_:.2%}",
                 result.heldout_flagged[fusion.name],
             )
@@ -746,6 +768,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "p-values) with its threshold at this false-positive rate; the fused detectors' own flags are "
         "then recorded only (default: no fusion)",
     )
+    parser.add_argument(
+        "--fusion-alone",
+        help="comma-separated fused detectors that may also flag by their own p-value, the fusion's FPR "
+        "split evenly between Fisher and each of them ('' for none; default: "
+        f"{','.join(DEFAULT_FUSION_ALONE)} when fused)",
+    )
     parser.add_argument("--input", default="images", help="the input the detectors read (default images)")
     parser.add_argument(
         "--output",
@@ -801,6 +829,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     except ValueError:
         parser.error(f"--split must be three comma-separated numbers, got {args.split!r}")
     args.detectors = tuple(d.strip() for d in args.detectors.split(",") if d.strip())
+    if args.fusion_alone is not None:
+        args.fusion_alone = tuple(d.strip() for d in args.fusion_alone.split(",") if d.strip())
     if args.batch_size < 1:
         parser.error("--batch-size must be >= 1")
     return args
@@ -833,6 +863,7 @@ def main(argv: list[str]) -> int:
             autoencoder_model_base_path=args.autoencoder_model_base_path or args.model_base_path,
             autoencoder_epochs=args.autoencoder_epochs,
             fusion_target_fpr=args.fusion_fpr,
+            fusion_alone=args.fusion_alone,
             seed=args.seed,
             batch_size=args.batch_size,
             log=log,

@@ -8,9 +8,10 @@ Steps (progress is printed; a full run takes several minutes on 2 CPU cores):
    digits (:func:`~gateway.model.calibrate.demo_reference`: the training
    split to fit, validation + half the test split to calibrate, the other
    half of the test split held out) at ``--target-fpr`` per detector, fuses
-   every detector but validation into one Fisher verdict
-   (:mod:`detectors.fusion`) with its threshold at the goal's 2 % on the
-   calibration digits, and exports the MagNet autoencoder beside the model.
+   every detector but validation into one verdict (:mod:`detectors.fusion`:
+   Fisher's method at 1 % OR margin's own p-value at 1 %, the goal's 2 %
+   split evenly, thresholds set on the calibration digits), and exports the
+   MagNet autoencoder beside the model.
    That server is stopped. The gateway's verdict on a digit is the fusion's
    or input validation's (which flags no in-range digit); the fused
    detectors' own flags (at ``--target-fpr`` each) are reported alongside.
@@ -81,10 +82,12 @@ EPSILONS = (0.05, 0.1, 0.2, 0.3)
 # The goal: combined detection at least this on these attacks, at combined FPR at most GOAL_FPR.
 GOAL_DETECTION = 0.95
 GOAL_FPR = 0.02
-# The gateway's verdict is the Fisher fusion of the detectors (one threshold at the whole GOAL_FPR) or
-# input validation, which flags no in-range digit. Each fused detector keeps a threshold of its own
+# The gateway's verdict is the fusion of the detectors (at the whole GOAL_FPR: Fisher's method at half
+# of it OR margin's own p-value at the other half, since Fisher alone cannot flag what only margin sees)
+# or input validation, which flags no in-range digit. Each fused detector keeps a threshold of its own
 # (its flags are reported, not part of the verdict): the budget split evenly, as an OR of them would need.
 FUSION_TARGET_FPR = GOAL_FPR
+FUSION_ALONE = ("margin",)
 DEFAULT_TARGET_FPR = GOAL_FPR / len(DEFAULT_DETECTORS)
 FUSION = "fisher"
 PROGRESS_EVERY_S = 10.0
@@ -442,6 +445,7 @@ def evaluate(
                 artefacts,
                 target_fpr=target_fpr,
                 fusion_target_fpr=FUSION_TARGET_FPR,
+                fusion_alone=FUSION_ALONE,
                 autoencoder_model_base_path=models,
                 autoencoder_epochs=budget.autoencoder_epochs,
                 seed=seed,
@@ -648,6 +652,8 @@ def build_report(
         "calibration": {
             "thresholds": {n: thresholds[n].threshold_ for n in names},
             "fusion_target_fpr": calibration.fusion.target_fpr_,
+            "fusion_alone": list(calibration.fusion.alone),
+            "fusion_part_thresholds": dict(calibration.fusion.part_thresholds_),
             "heldout_fpr": dict(calibration.manifest.heldout_fpr),
             "split_sizes": calibration.split_sizes,
         },
@@ -692,6 +698,15 @@ def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f} %"
 
 
+def _alone_text(report: dict[str, Any]) -> str:
+    """How the fusion splits its budget, when members may flag alone ("" when none may)."""
+    alone = report["calibration"].get("fusion_alone", [])
+    if not alone:
+        return ""
+    share = report["calibration"]["fusion_target_fpr"] / (1 + len(alone))
+    return f" ({' OR '.join([FUSION, *alone])} alone, {share:.2%} each)"
+
+
 def _short_text(goal: dict[str, Any]) -> str:
     return ", ".join(f"{key} {_pct(value)}" for key, value in goal["short"].items())
 
@@ -715,8 +730,8 @@ def format_table(report: dict[str, Any]) -> str:
     lines = [
         f"detection rate on successful adversarial examples, FPR on clean held-out digits "
         f"(target FPR {report['target_fpr_per_detector']:.2%} per detector, "
-        f"{report['calibration']['fusion_target_fpr']:.2%} for the fusion; verdict = fisher or validation"
-        + ("; --quick: numbers mean nothing)" if report["quick"] else ")"),
+        f"{report['calibration']['fusion_target_fpr']:.2%} for the fusion{_alone_text(report)}; "
+        "verdict = fisher or validation" + ("; --quick: numbers mean nothing)" if report["quick"] else ")"),
         head,
         "-" * len(head),
     ]
@@ -771,8 +786,8 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"Per-detector target FPR {report['target_fpr_per_detector']:.2%}; fusion ({FUSION}, Fisher's method "
         "over every detector but validation) target FPR "
-        f"{report['calibration']['fusion_target_fpr']:.2%}; the gateway's verdict is the fusion's or "
-        "validation's (the other columns are recorded only); clean held-out digits: "
+        f"{report['calibration']['fusion_target_fpr']:.2%}{_alone_text(report)}; the gateway's verdict is "
+        "the fusion's or validation's (the other columns are recorded only); clean held-out digits: "
         f"{report['clean']['n']}; served accuracy {report['clean']['accuracy_served']:.2%}."
         + (" **--quick run: the numbers mean nothing.**" if report["quick"] else ""),
         "",

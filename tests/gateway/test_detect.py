@@ -225,8 +225,9 @@ def test_magnet_jsd_sends_the_reconstructions_in_the_clients_call_and_returns_on
     assert observed > 0
 
 
-@pytest.fixture(scope="module")
-def fused(calibration, reference, upstream_predictor, tmp_path_factory) -> tuple[Path, Any]:
+def fused_artefacts(
+    calibration, reference, upstream_predictor, folder: Path, alone: tuple[str, ...] = ()
+) -> tuple[Path, Any]:
     """The session's detectors plus a Fisher fusion of every one but validation, at 10 % target FPR."""
     import dataclasses
 
@@ -237,11 +238,23 @@ def fused(calibration, reference, upstream_predictor, tmp_path_factory) -> tuple
     names = calibration.manifest.detectors
     members = [n for n in names if n != "validation"]
     benign = {n: calibration.detectors[n].score(reference.calibration, upstream_predictor) for n in members}
-    fusion = FisherFusion(members).fit(benign).calibrate(0.10)
+    fusion = FisherFusion(members, alone).fit(benign).calibrate(0.10)
     manifest = dataclasses.replace(calibration.manifest, fusion=fusion.name)
-    folder = tmp_path_factory.mktemp("fused") / "artefacts"
     detectors = {n: Detector.load(calibration.out / n) for n in names}
     return write_artefacts(folder, manifest, detectors, fusion), fusion
+
+
+@pytest.fixture(scope="module")
+def fused(calibration, reference, upstream_predictor, tmp_path_factory) -> tuple[Path, Any]:
+    folder = tmp_path_factory.mktemp("fused") / "artefacts"
+    return fused_artefacts(calibration, reference, upstream_predictor, folder)
+
+
+@pytest.fixture(scope="module")
+def fused_with_margin_alone(calibration, reference, upstream_predictor, tmp_path_factory) -> tuple[Path, Any]:
+    """Fisher at 5 % OR margin's own p-value at 5 %."""
+    folder = tmp_path_factory.mktemp("fused-alone") / "artefacts"
+    return fused_artefacts(calibration, reference, upstream_predictor, folder, alone=("margin",))
 
 
 @pytest.fixture(scope="module")
@@ -270,6 +283,35 @@ def test_the_fusion_flags_each_digit_as_the_offline_fusion_does(
         after = metrics_samples(fusion_gateway)
         assert flags_total(after, "fisher") - flags_total(before, "fisher") == int(offline[i]), i
         before = after
+
+
+def test_a_digit_only_margin_finds_extreme_is_flagged_by_the_fusion_with_margin_alone(
+    fused_with_margin_alone, detect_model_server, calibration, reference, upstream_predictor, tmp_path_factory
+):
+    folder, fusion = fused_with_margin_alone
+    x = reference.heldout
+    parts = fusion.part_scores(
+        {n: calibration.detectors[n].score(x, upstream_predictor) for n in fusion.members}
+    )
+    by_fisher = parts["fisher"] > fusion.part_thresholds_["fisher"]
+    by_margin = parts["margin"] > fusion.part_thresholds_["margin"]
+    margin_only = np.flatnonzero(by_margin & ~by_fisher)[:3]
+    neither = np.flatnonzero(~by_margin & ~by_fisher)[:3]
+    assert len(margin_only) > 0  # held-out digits near the decision boundary, unremarkable to Fisher
+    proc = start_gateway(
+        tmp_path_factory.mktemp("fusion-alone-gateway"),
+        detect_model_server.address(),
+        config=detection_config(folder),
+    )
+    try:
+        before = metrics_samples(proc)
+        for i in [*margin_only, *neither]:
+            predict(proc.address(), x[i : i + 1])
+            after = metrics_samples(proc)
+            assert flags_total(after, "fisher") - flags_total(before, "fisher") == int(i in margin_only), i
+            before = after
+    finally:
+        proc.stop()
 
 
 def test_a_blocking_fusion_refuses_naming_its_rule(fused, detect_model_server, tmp_path_factory):

@@ -18,6 +18,7 @@ from gateway.model.calibrate import (
     load_reference,
     main,
     next_version,
+    parse_args,
     saved_model_function,
 )
 from tests.gateway.detect_fixtures import *  # noqa: F403  (the session fixtures)
@@ -79,6 +80,33 @@ def test_unknown_detector_lists_the_known_ones(reference) -> None:
         DetectorError, match="unknown detector 'magic'; known: autoencoder, feature_squeezing"
     ):
         calibrate(MODEL, reference, "127.0.0.1:1", "unused", detectors=["magic"], log=lambda line: None)
+
+
+def test_fusion_alone_must_name_fused_detectors(reference) -> None:
+    with pytest.raises(CalibrationError) as raised:
+        calibrate(
+            MODEL,
+            reference,
+            "127.0.0.1:1",
+            "unused",
+            detectors=["validation", "mahalanobis", "margin"],
+            fusion_target_fpr=0.02,
+            fusion_alone=["validation"],
+            log=lambda line: None,
+        )
+    assert str(raised.value) == (
+        "--fusion-alone names detectors that are not fused: ['validation']; fused: mahalanobis, margin"
+    )
+
+
+def test_fusion_alone_is_read_as_a_comma_separated_list_and_empty_means_none() -> None:
+    base = ["--model", MODEL, "--from-demo", "--out", "unused", "--upstream", "127.0.0.1:1"]
+    assert parse_args(base).fusion_alone is None  # the default: margin, when it is fused
+    assert parse_args([*base, "--fusion-alone", "margin, mahalanobis"]).fusion_alone == (
+        "margin",
+        "mahalanobis",
+    )
+    assert parse_args([*base, "--fusion-alone", ""]).fusion_alone == ()
 
 
 # -- against the real model server ------------------------------------------------------
@@ -199,7 +227,9 @@ def test_a_fusion_is_calibrated_on_the_calibration_part_saved_and_reloaded(
     fusion = load_fusion(tmp_path / "fused", manifest)
     assert manifest.fusion == "fisher" and fusion is not None
     assert fusion.members == ("mahalanobis", "margin")
-    assert (fusion.threshold_, fusion.target_fpr_) == (result.fusion.threshold_, TARGET_FPR)
+    assert fusion.alone == ("margin",)  # by default, margin may flag by its own p-value
+    assert fusion.part_thresholds_ == result.fusion.part_thresholds_
+    assert (fusion.threshold_, fusion.target_fpr_) == (1.0, TARGET_FPR)
     flagged = result.heldout_flagged["fisher"]
     assert manifest.heldout_fpr["fisher"] == float(flagged.mean())
     n_calibration, n_heldout = len(reference.calibration), len(reference.heldout)

@@ -86,6 +86,10 @@ def test_quick_eval_sends_attacks_through_the_gateway_and_writes_the_report(
     # every digit: every detector and the fusion
     assert agreement["verdicts"] == (24 + sent) * (len(DEFAULT_DETECTORS) + 1)
     assert report["calibration"]["fusion_target_fpr"] == 0.02
+    # The verdict: Fisher at 1 % OR margin's own p-value at 1 %.
+    assert report["calibration"]["fusion_alone"] == ["margin"]
+    assert sorted(report["calibration"]["fusion_part_thresholds"]) == ["fisher", "margin"]
+    assert any("for the fusion (fisher OR margin alone, 1.00% each)" in line for line in lines)
     assert any("gateway vs offline verdicts" in line for line in lines)
 
     assert json.loads((out / "detection_eval.json").read_text()) == report
