@@ -44,6 +44,18 @@ def noise(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).random((n, 28, 28, 1), dtype=np.float32)
 
 
+def assert_same_outputs(through: Any, direct: Any, rows: int, same_labels: bool = False) -> None:
+    """The client's answer through a model-in-the-loop gateway is the model's own, to float32 round-off."""
+    assert sorted(through.outputs) == sorted(direct.outputs) == ["logits", "probabilities"]
+    for key in direct.outputs:
+        mine, theirs = tf.make_ndarray(through.outputs[key]), tf.make_ndarray(direct.outputs[key])
+        assert mine.shape == theirs.shape == (rows, 10)
+        assert through.outputs[key].dtype == direct.outputs[key].dtype
+        if same_labels:
+            assert np.array_equal(mine.argmax(axis=1), theirs.argmax(axis=1))
+        np.testing.assert_allclose(mine, theirs, rtol=1e-5, atol=1e-6)
+
+
 def score_count(samples: dict, detector: str) -> float:
     return samples.get(("tfshield_detector_score_count", (("detector", detector), ("model", MODEL))), 0.0)
 
@@ -101,13 +113,7 @@ def test_feature_squeezing_makes_one_upstream_call_and_returns_only_the_clients_
     through = predict(squeeze_gateway.address(), x)
     assert upstream_predicts(detect_model_server) == before + 1
     direct = predict(detect_model_server.address(), x)
-    assert sorted(through.outputs) == sorted(direct.outputs) == ["logits", "probabilities"]
-    for key in direct.outputs:
-        mine, theirs = tf.make_ndarray(through.outputs[key]), tf.make_ndarray(direct.outputs[key])
-        assert mine.shape == theirs.shape == (5, 10)
-        assert through.outputs[key].dtype == direct.outputs[key].dtype
-        assert np.array_equal(mine.argmax(axis=1), theirs.argmax(axis=1))
-        np.testing.assert_allclose(mine, theirs, rtol=1e-5, atol=1e-6)
+    assert_same_outputs(through, direct, rows=5, same_labels=True)
 
 
 def test_an_output_filter_gets_only_the_outputs_the_client_asked_for(squeeze_gateway, reference):
@@ -205,12 +211,7 @@ def test_magnet_jsd_sends_the_reconstructions_in_the_clients_call_and_returns_on
     through = predict(divergence_gateway.address(), x)
     assert upstream_predicts(detect_model_server) == before + 2  # the autoencoder, then the model once
     direct = predict(detect_model_server.address(), x)
-    assert sorted(through.outputs) == sorted(direct.outputs) == ["logits", "probabilities"]
-    for key in direct.outputs:
-        mine, theirs = tf.make_ndarray(through.outputs[key]), tf.make_ndarray(direct.outputs[key])
-        assert mine.shape == theirs.shape == (5, 10)
-        assert through.outputs[key].dtype == direct.outputs[key].dtype
-        np.testing.assert_allclose(mine, theirs, rtol=1e-5, atol=1e-6)
+    assert_same_outputs(through, direct, rows=5)
     after = metrics_samples(divergence_gateway)
     assert score_count(after, "magnet_jsd") - score_count(samples_before, "magnet_jsd") == 5
     detector = calibration.detectors["magnet_jsd"]
