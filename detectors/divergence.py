@@ -45,8 +45,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from detectors.base import Detector, DetectorError, Predictor, register
-from detectors.squeeze import check_probabilities, probabilities_of
+from detectors.base import DetectorError, Predictor, register
+from detectors.squeeze import ReadsModelOutput
 
 __all__ = ["MagnetDivergence", "jensen_shannon", "softened"]
 
@@ -78,7 +78,7 @@ def jensen_shannon(p: np.ndarray, q: np.ndarray) -> np.ndarray:
 
 
 @register
-class MagnetDivergence(Detector):
+class MagnetDivergence(ReadsModelOutput):
     """MagNet detector II: JSD between the model's softened answers on x and on AE(x).
 
     Hyperparameters:
@@ -164,11 +164,7 @@ class MagnetDivergence(Detector):
 
     def _fit(self, x_ref: np.ndarray, predictor: Predictor | None) -> None:
         original, _ = self._outputs(x_ref[:8], predictor)
-        probs = probabilities_of(original, self.softmax)
-        self.n_classes_ = check_probabilities(probs, self.name, self.output)
-
-    def _scalars(self) -> dict[str, float | int | str]:
-        return {"n_classes_": self.n_classes_}
+        self._learn_classes(original)
 
     def _score(self, x: np.ndarray, predictor: Predictor | None) -> np.ndarray:
         if len(x) == 0:

@@ -33,14 +33,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from detectors.base import Detector, DetectorError, Predictor, register
-from detectors.squeeze import check_probabilities, probabilities_of
+from detectors.base import DetectorError, Predictor, register
+from detectors.squeeze import ReadsModelOutput, probabilities_of
 
 __all__ = ["MarginDetector"]
 
 
 @register
-class MarginDetector(Detector):
+class MarginDetector(ReadsModelOutput):
     """One minus the gap between the two largest class probabilities of the model's output.
 
     Hyperparameters: ``output`` (str, default ``"probabilities"``), the
@@ -81,11 +81,7 @@ class MarginDetector(Detector):
     def _fit(self, x_ref: np.ndarray, predictor: Predictor | None) -> None:
         if predictor is None:
             raise DetectorError("margin: reads the protected model's output; pass a predictor")
-        probs = probabilities_of(predictor("", x_ref[:8]), self.softmax)
-        self.n_classes_ = check_probabilities(probs, self.name, self.output)
-
-    def _scalars(self) -> dict[str, float | int | str]:
-        return {"n_classes_": self.n_classes_}
+        self._learn_classes(predictor("", x_ref[:8]))
 
     def _score(self, x: np.ndarray, predictor: Predictor | None) -> np.ndarray:
         if len(x) == 0:

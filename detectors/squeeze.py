@@ -58,6 +58,7 @@ from detectors.base import Detector, DetectorError, Predictor, register
 __all__ = [
     "SQUEEZERS",
     "FeatureSqueezing",
+    "ReadsModelOutput",
     "check_probabilities",
     "median_filter",
     "probabilities_of",
@@ -158,8 +159,26 @@ def check_probabilities(probs: np.ndarray, detector: str, output: str) -> int:
     return int(probs.shape[1])
 
 
+class ReadsModelOutput(Detector):
+    """A detector that reads the protected model's class probabilities (``output``, ``softmax``).
+
+    It learns the output's width, ``n_classes_``, from a few reference samples
+    (:meth:`_learn_classes`), checking that they are probabilities, and saves it.
+    """
+
+    output: str
+    softmax: bool
+    n_classes_: int
+
+    def _learn_classes(self, outputs: np.ndarray) -> None:
+        self.n_classes_ = check_probabilities(probabilities_of(outputs, self.softmax), self.name, self.output)
+
+    def _scalars(self) -> dict[str, float | int | str]:
+        return {"n_classes_": self.n_classes_}
+
+
 @register
-class FeatureSqueezing(Detector):
+class FeatureSqueezing(ReadsModelOutput):
     """Feature squeezing: max L1 distance between the model's softmax on x and on squeezed x.
 
     Hyperparameters:
@@ -263,10 +282,7 @@ class FeatureSqueezing(Detector):
         # and not as silently meaningless scores.
         sample = x_ref[:8]
         outputs = self._predict(sample, predictor)
-        self.n_classes_ = check_probabilities(self._probabilities(outputs[0]), self.name, self.output)
-
-    def _scalars(self) -> dict[str, float | int | str]:
-        return {"n_classes_": self.n_classes_}
+        self._learn_classes(outputs[0])
 
     def _score(self, x: np.ndarray, predictor: Predictor | None) -> np.ndarray:
         if len(x) == 0:
