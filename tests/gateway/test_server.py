@@ -382,6 +382,23 @@ def test_event_loop_is_the_configured_one(model_server: Proc, tmp_path, choice: 
         proc.stop()
 
 
+def test_without_uvloop_auto_falls_back_and_uvloop_is_refused(monkeypatch) -> None:
+    from gateway.errors import ConfigError
+    from gateway.server import event_loop_factory
+
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # as if not installed: importing it raises
+    factory, name = event_loop_factory("auto")
+    assert name == "asyncio"
+    loop = factory()
+    try:
+        assert type(loop).__module__.startswith("asyncio")
+    finally:
+        loop.close()
+    refused = r"event_loop: uvloop is not installed \(pip install 'tfshield\[fast\]'\)"
+    with pytest.raises(ConfigError, match=refused):
+        event_loop_factory("uvloop")
+
+
 def test_event_loop_auto_uses_uvloop_when_installed(gateway: Proc) -> None:
     try:
         import uvloop  # noqa: F401
