@@ -46,7 +46,7 @@ from __future__ import annotations
 import numpy as np
 
 from detectors.base import DetectorError, Predictor, register
-from detectors.squeeze import ReadsModelOutput
+from detectors.squeeze import ReadsModelOutput, softmax_rows
 
 __all__ = ["MagnetDivergence", "jensen_shannon", "softened"]
 
@@ -59,10 +59,7 @@ def softened(output: np.ndarray, temperature: float, logits: bool = False) -> np
     values = np.asarray(output, dtype=np.float64).reshape(len(output), -1)
     if not logits:
         values = np.log(np.maximum(values, PROBABILITY_FLOOR))
-    scaled = values / temperature
-    scaled -= scaled.max(axis=1, keepdims=True)
-    exp = np.exp(scaled)
-    return exp / exp.sum(axis=1, keepdims=True)
+    return softmax_rows(values / temperature)
 
 
 def jensen_shannon(p: np.ndarray, q: np.ndarray) -> np.ndarray:

@@ -63,6 +63,7 @@ __all__ = [
     "median_filter",
     "probabilities_of",
     "reduce_bit_depth",
+    "softmax_rows",
 ]
 
 
@@ -131,7 +132,8 @@ def median_filter(x: np.ndarray, size: int) -> np.ndarray:
 SQUEEZERS = ("bit_depth", "median")
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
+def softmax_rows(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of (n, classes) logits, shifted by each row's maximum."""
     shifted = logits - logits.max(axis=1, keepdims=True)
     exp = np.exp(shifted)
     return exp / exp.sum(axis=1, keepdims=True)
@@ -141,7 +143,7 @@ def probabilities_of(output: np.ndarray, softmax: bool = False) -> np.ndarray:
     """A model output as (n, classes) float64 rows; softmax of them when they hold logits."""
     out = np.asarray(output, dtype=np.float64)
     out = out.reshape(len(out), -1)
-    return _softmax(out) if softmax else out
+    return softmax_rows(out) if softmax else out
 
 
 def check_probabilities(probs: np.ndarray, detector: str, output: str) -> int:
