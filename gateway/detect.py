@@ -169,7 +169,9 @@ class _CallState:
     model: ProtectedModel
     rows: int
     x: np.ndarray
-    drop_output: bool = False
+    # The output the gateway added to the client's output_filter for scoring, removed again before
+    # the answer leaves (None: nothing added).
+    added_output: str | None = None
     autoencoder: asyncio.Task[np.ndarray] | None = None
     # The client's rows of the manifest's output, when feature squeezing decoded them already.
     outputs: np.ndarray | None = None
@@ -447,14 +449,14 @@ class DetectStage(Stage):
         call: Call, state: _CallState, output: str, request: predict_pb2.PredictRequest | None = None
     ) -> None:
         """Forward ``request`` (default: the client's), asking for ``output`` too if its filter leaves
-        it out (``drop_output``: removed again before the answer leaves)."""
+        it out (``added_output``: removed again before the answer leaves)."""
         assert call.request is not None
         if call.request.output_filter and output not in call.request.output_filter:
             if request is None:
                 request = predict_pb2.PredictRequest()
                 request.CopyFrom(call.request)
             request.output_filter.append(output)
-            state.drop_output = True
+            state.added_output = output
         if request is not None:
             call.forward_raw = request.SerializeToString()
 
@@ -482,7 +484,6 @@ class DetectStage(Stage):
             response = self._score_margin(state, protected.margin, response)
         if state.autoencoder is not None and protected.autoencoder is not None:
             detector = protected.autoencoder
-            assert detector is not None
             try:
                 reconstruction = await state.autoencoder
                 scores = detector.score(state.x, lambda _model, _batch: reconstruction)
@@ -536,8 +537,9 @@ class DetectStage(Stage):
                     values[:n], as_tensor_content=tensor_uses_content(tensor), dtype=tensor.dtype
                 )
                 tensor.CopyFrom(mine)
-        if state.drop_output:
+        if state.added_output == output:
             del response.outputs[output]
+            state.added_output = None
         for detector, scores in reversed(scored):  # squeezing first, as before magnet_jsd existed
             self._verdict(state, detector, scores)
         return response.SerializeToString()
@@ -554,8 +556,9 @@ class DetectStage(Stage):
                 outputs = tensor_to_numpy(
                     response.outputs[margin.output], margin.output, RESPONSE_MAX_ELEMENTS
                 )
-                if state.drop_output:
+                if state.added_output == margin.output:
                     del response.outputs[margin.output]
+                    state.added_output = None
                     raw = response.SerializeToString()
             if len(outputs) != state.rows:
                 raise ValueError(f"output '{margin.output}' has {len(outputs)} rows for {state.rows} inputs")
