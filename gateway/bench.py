@@ -1044,15 +1044,8 @@ def start_monitor_gateways(
             stores["gateway+monitors+redis"] = redis.url
         for target, redis_url in stores.items():
             _say(f"starting {target} ...")
-            config = workdir / f"{target}.yaml"
-            config.write_text(
-                json.dumps(bench_detectors.monitor_gateway_config(upstream, suite, redis_url, workdir))
-            )
-            argv = tfshield_argv(
-                "serve", "--config", str(config), "--port", "0", "--metrics-port", "0",
-                "--log-level", "WARNING",
-            )
-            started[target] = start_with_ready_file(target, argv, workdir, 30.0, stack, settings.gateway_env)
+            config = bench_detectors.monitor_gateway_config(upstream, suite, redis_url, workdir)
+            started[target] = start_configured_gateway(target, config, workdir, stack, settings)
     except Exception as exc:  # say what failed, keep the other rows
         notes.append(
             f"the monitor gateways could not start ({type(exc).__name__}: {exc}); their rows are missing"
@@ -1121,14 +1114,20 @@ def start_detector_gateway(
     settings: Settings,
 ) -> Started:
     """A gateway protecting DETECTOR_MODEL with the detectors in ``artefacts`` (all 'record')."""
-    import yaml
-
     from gateway import bench_detectors
 
-    config = workdir / f"{target}.yaml"
-    config.write_text(yaml.safe_dump(bench_detectors.gateway_config(upstream, artefacts), sort_keys=False))
+    config = bench_detectors.gateway_config(upstream, artefacts)
+    return start_configured_gateway(target, config, workdir, stack, settings)
+
+
+def start_configured_gateway(
+    target: str, config: dict[str, Any], workdir: Path, stack: contextlib.ExitStack, settings: Settings
+) -> Started:
+    """``tfshield serve`` with ``config`` (written as JSON, which is YAML) on ephemeral ports."""
+    path = workdir / f"{target}.yaml"
+    path.write_text(json.dumps(config))
     argv = tfshield_argv(
-        "serve", "--config", str(config), "--port", "0", "--metrics-port", "0", "--log-level", "WARNING"
+        "serve", "--config", str(path), "--port", "0", "--metrics-port", "0", "--log-level", "WARNING"
     )
     return start_with_ready_file(target, argv, workdir, 30.0, stack, settings.gateway_env)
 
@@ -1302,15 +1301,11 @@ def run(settings: Settings) -> dict[str, Any]:
             detector_gateways: dict[str, Started] = {}
             for target, folder in detector_folders.items():
                 _say(f"starting {target} ({', '.join(DETECTOR_TARGETS[target])}) ...")
-                started = start_detector_gateway(target, folder, server.address(), workdir, stack, settings)
-                probe = requests[f"{DETECTOR_MODEL}/b{settings.batches[0]}"]
-                first_success_s(started.address(), probe, time.perf_counter())
-                detector_gateways[target] = started
-                addresses[target] = started.address()
-                proxy_pids[target] = [started.pid]
-
+                detector_gateways[target] = start_detector_gateway(
+                    target, folder, server.address(), workdir, stack, settings
+                )
             monitor_gateways = start_monitor_gateways(settings, server.address(), workdir, stack, notes)
-            for target, started in monitor_gateways.items():
+            for target, started in {**detector_gateways, **monitor_gateways}.items():
                 probe = requests[f"{DETECTOR_MODEL}/b{settings.batches[0]}"]
                 first_success_s(started.address(), probe, time.perf_counter())
                 addresses[target] = started.address()
