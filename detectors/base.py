@@ -146,7 +146,12 @@ class Detector(ABC):
         """Set ``threshold_`` at the target false-positive rate on benign ``x_val``."""
         if not 0.0 < fpr < 1.0:
             raise DetectorError(f"{self.name}: fpr must be in (0, 1), got {fpr}")
-        scores = self.score(x_val, predictor)
+        return self.calibrate_scores(self.score(x_val, predictor), fpr)
+
+    def calibrate_scores(self, scores: np.ndarray, fpr: float) -> Self:
+        """:meth:`calibrate` from this detector's scores of the benign samples, already computed."""
+        if not 0.0 < fpr < 1.0:
+            raise DetectorError(f"{self.name}: fpr must be in (0, 1), got {fpr}")
         self.threshold_ = threshold_at_fpr(scores, fpr)
         self.target_fpr_ = float(fpr)
         return self

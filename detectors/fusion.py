@@ -67,7 +67,7 @@ without ``alone``.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Self
 
@@ -75,7 +75,7 @@ import numpy as np
 
 from detectors.base import ArtefactError, DetectorError, NotCalibrated, threshold_at_fpr
 
-__all__ = ["FisherFusion"]
+__all__ = ["FisherFusion", "deciding"]
 
 # fusion.json's format: 1 had one threshold (Fisher's) and no ``alone``; 2 has a threshold per part.
 FUSION_FORMAT_VERSION = 2
@@ -275,3 +275,15 @@ class FisherFusion:
         fusion.threshold_ = 1.0
         fusion.target_fpr_ = target_fpr
         return fusion
+
+
+def deciding(names: Iterable[str]) -> list[str]:
+    """Of the detectors (and fusion) that judged a call, those whose flags make the verdict.
+
+    With the fusion among them: the fusion and input validation (the fused
+    detectors' own flags are recorded only); otherwise every one of them.
+    """
+    names = list(names)
+    if FisherFusion.name not in names:
+        return names
+    return [name for name in names if name in (FisherFusion.name, "validation")]

@@ -352,12 +352,9 @@ class CalibrationResult:
     def combined_flagged(self) -> np.ndarray:
         """Held-out samples the gateway would flag: by any detector, or with a fusion, by the fusion or
         by input validation (the fused detectors' own flags are then recorded only)."""
-        if self.fusion is None:
-            return np.any(np.stack(list(self.heldout_flagged.values())), axis=0)
-        verdicts = [self.heldout_flagged[self.fusion.name]]
-        if "validation" in self.heldout_flagged:
-            verdicts.append(self.heldout_flagged["validation"])
-        return np.any(np.stack(verdicts), axis=0)
+        from detectors.fusion import deciding
+
+        return np.any(np.stack([self.heldout_flagged[n] for n in deciding(self.heldout_flagged)]), axis=0)
 
 
 def next_version(model_dir: Path) -> int:
@@ -482,6 +479,7 @@ def calibrate(
 
         log(f"[3/4] fitting and calibrating {len(names)} detectors at target FPR {target_fpr:.4g}")
         fitted: dict[str, Any] = {}
+        calibration_scores: dict[str, np.ndarray] = {}
         autoencoder_export: Path | None = None
         for name in names:
             started = time.monotonic()
@@ -523,9 +521,11 @@ def calibrate(
                 detector = detector_class(name)(**extra)
             calls = dict(predictor.calls)
             detector.fit(reference.fit, predictor if detector.needs_predictor else None)
-            detector.calibrate(
-                reference.calibration, target_fpr, predictor if detector.needs_predictor else None
+            # Kept: the fusion below is fitted on the same scores.
+            calibration_scores[name] = detector.score(
+                reference.calibration, predictor if detector.needs_predictor else None
             )
+            detector.calibrate_scores(calibration_scores[name], target_fpr)
             timings[name] = time.monotonic() - started
             sent = sum(predictor.calls.values()) - sum(calls.values())
             upstream_note = f", {sent} Predict calls upstream" if sent else ""
@@ -535,14 +535,7 @@ def calibrate(
         fusion = None
         if fusion_target_fpr is not None:
             started = time.monotonic()
-            fusion = FisherFusion(fused, alone).fit(
-                {
-                    name: fitted[name].score(
-                        reference.calibration, predictor if fitted[name].needs_predictor else None
-                    )
-                    for name in fused
-                }
-            )
+            fusion = FisherFusion(fused, alone).fit({name: calibration_scores[name] for name in fused})
             fusion.calibrate(fusion_target_fpr)
             timings[fusion.name] = time.monotonic() - started
             parts = ", ".join(f"{part} > {t:.6g}" for part, t in fusion.part_thresholds_.items())

@@ -327,9 +327,10 @@ class Phase:
 
     def combined(self, flags: dict[str, np.ndarray]) -> np.ndarray:
         """The gateway's verdict: flagged by the fusion or validation when there is a fusion, else by any."""
-        if FUSION in flags:
-            flags = {name: f for name, f in flags.items() if name in (FUSION, "validation")}
-        return np.any(np.stack(list(flags.values())), axis=0) if flags else np.zeros(self.n, dtype=bool)
+        from detectors.fusion import deciding
+
+        names = deciding(flags)
+        return np.any(np.stack([flags[n] for n in names]), axis=0) if names else np.zeros(self.n, dtype=bool)
 
 
 def send_through_gateway(
@@ -682,10 +683,11 @@ def _roc_scores(phase: Phase, name: str, detectors: dict[str, Any]) -> np.ndarra
     over the fusion and validation, the gateway's verdict)."""
     if name != "combined":
         return phase.offline_scores[name]
+    from detectors.fusion import deciding
+
     ratios = []
-    for detector_name, scores in phase.offline_scores.items():
-        if FUSION in phase.offline_scores and detector_name not in (FUSION, "validation"):
-            continue
+    for detector_name in deciding(phase.offline_scores):
+        scores = phase.offline_scores[detector_name]
         threshold = detectors[detector_name].threshold_
         if threshold > 0:
             ratios.append(scores / threshold)
