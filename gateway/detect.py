@@ -75,6 +75,7 @@ from gateway.codec import numpy_to_tensor, tensor_to_numpy, tensor_uses_content
 from gateway.config import DetectionConfig, ProtectedModelConfig
 from gateway.errors import ConfigError, InvalidInput
 from gateway.forward import UpstreamPool
+from gateway.metrics import BatchHistogram
 from gateway.pipeline import Call, Refusal, Stage
 from protos import predict_pb2
 
@@ -90,7 +91,8 @@ RESPONSE_MAX_ELEMENTS = 2**40
 
 class DetectMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.score = Histogram(
+        # Observed a whole batch of scores at a time (BatchHistogram).
+        self.score = BatchHistogram(
             "tfshield_detector_score",
             "Detector scores in units of the detector's threshold (1.0 = flag line).",
             ["detector", "model"],
@@ -313,9 +315,7 @@ class DetectStage(Stage):
         flagged = scores > detector.threshold_
         # Thresholds can be 0 (a validator fitted on clean data): avoid dividing by it.
         scale = detector.threshold_ if detector.threshold_ > 0 else 1.0
-        histogram = self.metrics.score.labels(detector.name, model)
-        for ratio in (scores / scale).tolist():
-            histogram.observe(ratio)
+        self.metrics.score.labels(detector.name, model).observe_many(scores / scale)
         count = int(flagged.sum())
         if count:
             self.metrics.flags.labels(detector.name, model).inc(count)

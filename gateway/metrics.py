@@ -21,9 +21,14 @@ distinct names become label values; the rest are counted as ``_other``.
 
 from __future__ import annotations
 
+import bisect
+import math
 import threading
+from collections.abc import Iterable, Iterator, Sequence
 
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import HistogramMetricFamily
 
 # From 100 µs (the gateway's own overhead) to 30 s (a slow model).
 LATENCY_BUCKETS_S = (
@@ -46,6 +51,112 @@ LATENCY_BUCKETS_S = (
     30.0,
 )
 OTHER_MODEL = "_other"
+# Below this many values a plain loop beats numpy's per-call overhead.
+_LOOP_BELOW = 8
+
+
+class BatchHistogram:
+    """A labelled histogram that counts a whole array of observations at once.
+
+    prometheus-client's ``Histogram.observe`` costs about 1.3 µs per value:
+    a Python loop over the buckets, under a lock. A detector that scores a
+    32-sample request would spend ~40 µs only on observing its scores. Here a
+    batch is put into buckets by one ``np.searchsorted`` and one
+    ``np.bincount``, a few microseconds for any batch size.
+
+    The exposition is that of a ``Histogram`` with the same name and buckets
+    (``_bucket{le=...}``, ``_count``, ``_sum``), without the ``_created``
+    sample. ``le`` is inclusive, as in Prometheus: a value equal to a bound
+    counts in that bound's bucket. A NaN counts only in the ``+Inf`` bucket
+    and is left out of ``_sum``, so that one NaN does not turn the sum into
+    NaN for good.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str],
+        buckets: Iterable[float],
+        registry: CollectorRegistry,
+    ) -> None:
+        bounds = sorted(float(b) for b in buckets if not math.isinf(float(b)))
+        if not bounds:
+            raise ValueError(f"{name}: a histogram needs at least one finite bucket bound")
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self._bounds = tuple(bounds)
+        self._bounds_array = np.asarray(bounds, dtype=np.float64)
+        self._children: dict[tuple[str, ...], BatchHistogramChild] = {}
+        self._lock = threading.Lock()
+        registry.register(self)
+
+    def labels(self, *values: str) -> BatchHistogramChild:
+        if len(values) != len(self.labelnames):
+            raise ValueError(f"{self.name}: expected labels {self.labelnames}, got {len(values)} values")
+        key = tuple(str(v) for v in values)
+        child = self._children.get(key)
+        if child is None:
+            with self._lock:
+                child = self._children.setdefault(key, BatchHistogramChild(self._bounds, self._bounds_array))
+        return child
+
+    def describe(self) -> list[HistogramMetricFamily]:
+        return [HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)]
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        with self._lock:
+            children = list(self._children.items())
+        for key, child in children:
+            counts, total = child.snapshot()
+            cumulative = np.cumsum(counts).tolist()
+            upper = [str(b) for b in self._bounds] + ["+Inf"]
+            family.add_metric(list(key), list(zip(upper, cumulative, strict=True)), total)
+        yield family
+
+
+class BatchHistogramChild:
+    """One label set of a :class:`BatchHistogram`; safe to use from several threads."""
+
+    __slots__ = ("_bounds", "_bounds_array", "_counts", "_lock", "_sum")
+
+    def __init__(self, bounds: tuple[float, ...], bounds_array: np.ndarray) -> None:
+        self._bounds = bounds
+        self._bounds_array = bounds_array
+        self._counts = np.zeros(len(bounds) + 1, dtype=np.int64)  # the last is +Inf
+        self._sum = 0.0
+        self._lock = threading.Lock()
+
+    def observe(self, value: float) -> None:
+        self.observe_many((value,))
+
+    def observe_many(self, values: np.ndarray | Sequence[float]) -> None:
+        array = np.asarray(values, dtype=np.float64).reshape(-1)
+        if array.size == 0:
+            return
+        if array.size < _LOOP_BELOW:
+            items = array.tolist()
+            slots = [len(self._bounds) if v != v else bisect.bisect_left(self._bounds, v) for v in items]
+            total = math.fsum(v for v in items if v == v)
+            with self._lock:
+                for slot in slots:
+                    self._counts[slot] += 1
+                self._sum += total
+            return
+        # searchsorted puts NaN past every bound, i.e. in +Inf.
+        counts = np.bincount(
+            np.searchsorted(self._bounds_array, array, side="left"), minlength=len(self._bounds) + 1
+        )
+        total = float(np.nansum(array))
+        with self._lock:
+            self._counts += counts
+            self._sum += total
+
+    def snapshot(self) -> tuple[np.ndarray, float]:
+        with self._lock:
+            return self._counts.copy(), self._sum
 
 
 class BoundedLabel:

@@ -1,0 +1,92 @@
+"""BatchHistogram: the same exposition as prometheus-client's Histogram, batch by batch."""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+from gateway.metrics import BatchHistogram
+
+BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 10.0)
+
+
+def _samples(registry: CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in registry.collect()
+        for sample in family.samples
+        if not sample.name.endswith("_created")
+    }
+
+
+@pytest.mark.parametrize("batch", [1, 3, 7, 8, 32, 500])
+def test_counts_and_sum_match_prometheus_histogram(batch: int) -> None:
+    rng = np.random.default_rng(batch)
+    ours_registry, theirs_registry = CollectorRegistry(), CollectorRegistry()
+    ours = BatchHistogram("score", "doc", ["detector"], BUCKETS, ours_registry)
+    theirs = Histogram("score", "doc", ["detector"], buckets=BUCKETS, registry=theirs_registry)
+    for round_ in range(5):
+        # Values on the bounds themselves, below the first, above the last, and in between.
+        values = np.concatenate([rng.exponential(1.5, batch), rng.choice(BUCKETS, batch), [-1.0, 1e9]])
+        for name in ("a", "b") if round_ % 2 else ("a",):
+            ours.labels(name).observe_many(values)
+            for value in values.tolist():
+                theirs.labels(name).observe(value)
+    mine, reference = _samples(ours_registry), _samples(theirs_registry)
+    assert mine.keys() == reference.keys()
+    for key, value in reference.items():
+        assert mine[key] == pytest.approx(value, rel=1e-12), key
+
+
+def test_exposition_is_a_histogram_with_inclusive_bounds() -> None:
+    registry = CollectorRegistry()
+    histogram = BatchHistogram("tfshield_x", "doc", ["model"], BUCKETS, registry)
+    histogram.labels("m").observe(1.0)  # exactly on a bound: counts in le="1.0"
+    text = generate_latest(registry).decode()
+    assert "# TYPE tfshield_x histogram" in text
+    assert 'tfshield_x_bucket{le="0.5",model="m"} 0.0' in text
+    assert 'tfshield_x_bucket{le="1.0",model="m"} 1.0' in text
+    assert 'tfshield_x_bucket{le="+Inf",model="m"} 1.0' in text
+    assert 'tfshield_x_count{model="m"} 1.0' in text
+
+
+def test_nan_counts_in_inf_bucket_and_stays_out_of_the_sum() -> None:
+    registry = CollectorRegistry()
+    histogram = BatchHistogram("h", "doc", [], BUCKETS, registry)
+    histogram.labels().observe_many([0.2, math.nan, 3.0])
+    histogram.labels().observe_many(np.array([math.nan] * 10 + [0.2]))
+    samples = _samples(registry)
+    assert samples[("h_bucket", (("le", "0.25"),))] == 2
+    assert samples[("h_bucket", (("le", "10.0"),))] == 3
+    assert samples[("h_bucket", (("le", "+Inf"),))] == 14
+    assert samples[("h_count", ())] == 14
+    assert samples[("h_sum", ())] == pytest.approx(3.4)
+
+
+def test_concurrent_observers_lose_nothing() -> None:
+    registry = CollectorRegistry()
+    child = BatchHistogram("h", "doc", [], BUCKETS, registry).labels()
+
+    def observe() -> None:
+        for _ in range(300):
+            child.observe_many(np.full(16, 0.3))
+            child.observe(0.3)
+
+    threads = [threading.Thread(target=observe) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert _samples(registry)[("h_count", ())] == 4 * 300 * 17
+
+
+def test_wrong_label_count_and_no_finite_bucket_are_refused() -> None:
+    histogram = BatchHistogram("h", "doc", ["a", "b"], BUCKETS, CollectorRegistry())
+    with pytest.raises(ValueError, match="expected labels"):
+        histogram.labels("only-one")
+    with pytest.raises(ValueError, match="finite bucket"):
+        BatchHistogram("g", "doc", [], (math.inf,), CollectorRegistry())
