@@ -149,7 +149,9 @@ class BatchHistogramChild:
         counts = np.bincount(
             np.searchsorted(self._bounds_array, array, side="left"), minlength=len(self._bounds) + 1
         )
-        total = float(np.nansum(array))
+        total = float(array.sum())
+        if total != total:  # a NaN among them (nansum copies the array, so only then)
+            total = float(np.nansum(array))
         with self._lock:
             self._counts += counts
             self._sum += total
