@@ -22,10 +22,13 @@ Steps (progress is printed; a full run takes several minutes on 2 CPU cores):
    runs, so gradients are exact). FGSM and PGD at L∞ ε ∈ {0.05, 0.1, 0.2,
    0.3} (PGD: 40 steps of 2.5 ε / 40, no random start), Carlini-Wagner L2
    and DeepFool. CW-L2 and DeepFool are slow in ART, so they run on fewer
-   digits (100 and 200) and CW with a short schedule (3 binary-search steps
-   of 10 iterations from c = 1, learning rate 0.1): it finds adversarial
-   examples, but larger ones than the full attack (1,000 iterations) would,
-   which makes them easier to detect. An adversarial example is
+   digits (100 and 200). CW-L2 runs at κ = 0 with Carlini & Wagner's
+   learning rate (0.01) for 5 binary-search steps of 100 iterations from
+   c = 1 (ART halves or doubles c up to 5 times per step), about 5 of the
+   eval's ~10 minutes; it succeeds on ~98 % of the digits. (A shorter
+   schedule, 3 × 10 iterations at learning rate 0.1, succeeded on 76 % and
+   left more examples off the decision boundary; 9 steps or 200 iterations
+   found the same examples.) An adversarial example is
    *successful* when the model's prediction differs from the true label.
 4. A model server serving ``mnist`` and the autoencoder, and a gateway in
    front of it with the calibrated artefacts (every detector ``record``,
@@ -110,8 +113,15 @@ class Budget:
     cw_samples: int = 100
     deepfool_samples: int = 200
     pgd_steps: int = 40
-    cw_binary_search_steps: int = 3
-    cw_iterations: int = 10
+    # CW-L2: Carlini & Wagner's learning rate (Adam, 1e-2) and search from c = 1 with ART's
+    # halving/doubling of 5 each; 5 binary-search steps of 100 iterations. More steps (9, the
+    # paper's) or iterations (200) found the same examples on this model at twice the time.
+    cw_binary_search_steps: int = 5
+    cw_iterations: int = 100
+    cw_learning_rate: float = 0.01
+    cw_max_halving: int = 5
+    cw_max_doubling: int = 5
+    cw_chunk: int = 25  # digits per generate() call: a progress line after each
     deepfool_iterations: int = 10
     autoencoder_epochs: int | None = None  # None: the autoencoder module's default
 
@@ -124,6 +134,8 @@ class Budget:
             pgd_steps=5,
             cw_binary_search_steps=1,
             cw_iterations=5,
+            cw_max_halving=2,
+            cw_max_doubling=2,
             deepfool_iterations=3,
             autoencoder_epochs=2,
         )
@@ -197,13 +209,13 @@ def make_attack(spec: AttackSpec, classifier: Any, budget: Budget) -> Any:
         return CarliniL2Method(
             classifier,
             confidence=0.0,
-            learning_rate=0.1,
+            learning_rate=budget.cw_learning_rate,
             binary_search_steps=budget.cw_binary_search_steps,
             max_iter=budget.cw_iterations,
             initial_const=1.0,
-            max_halving=2,
-            max_doubling=2,
-            batch_size=50,
+            max_halving=budget.cw_max_halving,
+            max_doubling=budget.cw_max_doubling,
+            batch_size=budget.cw_chunk,
             verbose=False,
         )
     if spec.family == "deepfool":
@@ -256,6 +268,15 @@ def run_attacks(
         attack = make_attack(spec, classifier, budget)
         if spec.family == "deepfool":  # untargeted without labels: moves off the predicted (= true) class
             adv = attack.generate(xs)
+        elif spec.family == "cw_l2":  # minutes: in chunks, with a line after each
+            parts = []
+            for start in range(0, len(xs), budget.cw_chunk):
+                chunk = slice(start, start + budget.cw_chunk)
+                parts.append(attack.generate(xs[chunk], y=ys[chunk]))
+                done, elapsed = min(chunk.stop, len(xs)), time.monotonic() - started
+                if done < len(xs):
+                    log(f"  {spec.label:<20} {done:>4}/{len(xs):<4} digits attacked ({elapsed:5.1f} s)")
+            adv = np.concatenate(parts)
         else:
             adv = attack.generate(xs, y=ys)
         adv = np.clip(adv.astype(np.float32), 0.0, 1.0)
