@@ -41,8 +41,11 @@ import without TensorFlow):
 - ``/tfshield.modelserver.Debug/Counts`` (raw bytes in and out) returns JSON
   ``{"Predict": n, ...}``: calls received per method, failures included.
 
-Startup: load every model, bind ``--host:--port`` (0 = ephemeral), then write
-``--ready-file`` with ``{"pid": ..., "grpc_port": ...}``. SIGTERM or SIGINT
+Startup: load every model, bind ``--host:--port`` (0 = ephemeral) and, with
+``--grpc-socket-path``, a unix socket too (as TF Serving's
+``--grpc_socket_path``, how the Kubernetes sidecar in ``deploy/`` reaches it),
+then write ``--ready-file`` with ``{"pid": ..., "grpc_port": ...}`` (and
+``"grpc_socket_path"``). SIGTERM or SIGINT
 stops accepting calls and lets in-flight ones finish (``--shutdown-grace-s``).
 """
 
@@ -954,6 +957,9 @@ class ServerOptions:
     enable_signature_method_name_check: bool = False
     enable_grpc_healthcheck_service: bool = False
     workers: int = 16
+    # Also listen on this unix socket (tensorflow_model_server's --grpc_socket_path), as a
+    # sidecar deployment reaches TF Serving; None: TCP only.
+    grpc_socket_path: str | None = None
 
 
 def create_server(
@@ -993,6 +999,17 @@ def create_server(
     bound_port = server.add_insecure_port(address)
     if bound_port == 0:
         raise TfshieldError(f"cannot bind {address}; is the port in use?")
+    if options.grpc_socket_path:
+        socket_path = Path(options.grpc_socket_path)
+        if not socket_path.parent.is_dir():
+            raise TfshieldError(f"--grpc-socket-path {socket_path}: no directory {socket_path.parent}")
+        if socket_path.exists() and not socket_path.is_socket():
+            raise TfshieldError(f"--grpc-socket-path {socket_path} is not a socket; not replacing it")
+        # A socket left by a crashed run is replaced: gRPC unlinks it before binding.
+        try:
+            server.add_insecure_port(f"unix:{socket_path}")
+        except RuntimeError as exc:
+            raise TfshieldError(f"cannot listen on unix socket {socket_path}: {exc}") from None
     server.start()
     return server, bound_port, counts
 
@@ -1018,6 +1035,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument(
         "--enable-grpc-healthcheck-service", action="store_true", help="serve grpc.health.v1.Health"
+    )
+    parser.add_argument(
+        "--grpc-socket-path",
+        help="also listen on this unix socket, as tensorflow_model_server's --grpc_socket_path",
     )
     parser.add_argument("--workers", type=int, default=16, help="threads answering calls (default 16)")
     parser.add_argument(
@@ -1051,6 +1072,7 @@ def main(argv: list[str]) -> int:
         enable_signature_method_name_check=args.enable_signature_method_name_check,
         enable_grpc_healthcheck_service=args.enable_grpc_healthcheck_service,
         workers=args.workers,
+        grpc_socket_path=args.grpc_socket_path,
     )
     try:
         server, port, _ = create_server(registry, args.host, args.port, options)
@@ -1058,8 +1080,13 @@ def main(argv: list[str]) -> int:
         logger.error("%s", exc)
         return 1
     logger.info("serving %s on %s:%d", ", ".join(registry.names()), args.host, port)
+    if args.grpc_socket_path:
+        logger.info("and on unix socket %s", args.grpc_socket_path)
     if args.ready_file:
-        write_ready_file(args.ready_file, grpc_port=port)
+        if args.grpc_socket_path:
+            write_ready_file(args.ready_file, grpc_port=port, grpc_socket_path=args.grpc_socket_path)
+        else:
+            write_ready_file(args.ready_file, grpc_port=port)
     while not stop.wait(0.5):
         pass
     logger.info("stopping: letting in-flight calls finish (up to %.1f s)", args.shutdown_grace_s)
