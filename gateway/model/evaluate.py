@@ -28,7 +28,7 @@ Steps (progress is printed; a full run takes several minutes on 2 CPU cores):
    eval's ~20 minutes; it succeeds on ~98 % of the digits. (A shorter
    schedule, 3 × 10 iterations at learning rate 0.1, succeeded on 76 % and
    left more examples off the decision boundary; 9 steps or 200 iterations
-   found the same examples.) An adversarial example is
+   changed no verdict.) An adversarial example is
    *successful* when the model's prediction differs from the true label.
 4. A model server serving ``mnist`` and the autoencoder, and a gateway in
    front of it with the calibrated artefacts (every detector ``record``,
@@ -115,8 +115,9 @@ class Budget:
     deepfool_samples: int = 200
     pgd_steps: int = 40
     # CW-L2: Carlini & Wagner's learning rate (Adam, 1e-2) and search from c = 1 with ART's
-    # halving/doubling of 5 each; 5 binary-search steps of 100 iterations. More steps (9, the
-    # paper's) or iterations (200) found the same examples on this model at twice the time.
+    # halving/doubling of 5 each; 5 binary-search steps of 100 iterations. 9 steps (the paper's)
+    # found the same examples, 200 iterations ones within 0.1 % in mean L2 and the same verdicts,
+    # each at about twice the time (offline, first 100 digits).
     cw_binary_search_steps: int = 5
     cw_iterations: int = 100
     cw_learning_rate: float = 0.01

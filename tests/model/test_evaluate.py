@@ -102,3 +102,33 @@ def test_quick_eval_sends_attacks_through_the_gateway_and_writes_the_report(
     with np.load(out / "adversarial_examples.npz", allow_pickle=False) as examples:
         assert sum(len(examples[f"x_{key}"]) for key in report["attacks"]) == sent
     assert not (out / "run").exists()  # server logs are removed after a successful run
+
+
+def test_cw_attacked_in_chunks_finds_what_one_batch_finds_and_reports_progress(model_cache_dir) -> None:
+    import dataclasses
+
+    from gateway.model.calibrate import demo_heldout_labels, demo_reference
+    from gateway.model.demo import DemoArtifacts
+    from gateway.model.evaluate import Budget, art_classifier, run_attacks
+
+    classifier = art_classifier(DemoArtifacts.at(model_cache_dir).export_dir)
+    x, y = demo_reference(model_cache_dir).heldout[:12], demo_heldout_labels(model_cache_dir)[:12]
+    cw = tuple(a for a in ATTACKS if a.family == "cw_l2")
+    # Enough search for some digits to fall (the quick budget's 1 × 5 iterations finds none).
+    budget = dataclasses.replace(
+        Budget.quick(),
+        cw_samples=4,
+        cw_chunk=2,
+        cw_binary_search_steps=2,
+        cw_iterations=20,
+        cw_learning_rate=0.05,
+    )
+    lines: list[str] = []
+    chunked = run_attacks(classifier, x, y, budget, lines.append, cw)[0]
+    whole = run_attacks(classifier, x, y, dataclasses.replace(budget, cw_chunk=4), lambda _: None, cw)[0]
+
+    assert chunked.attacked == whole.attacked == 4
+    assert chunked.successful > 0
+    np.testing.assert_array_equal(chunked.x_adv, whole.x_adv)
+    np.testing.assert_array_equal(chunked.y_true, whole.y_true)
+    assert sum("2/4    digits attacked" in line for line in lines) == 1
