@@ -197,10 +197,7 @@ class Detector(ABC):
         """Load any registered detector saved with ``save`` (this class or a subclass)."""
         folder = Path(directory)
         meta_path = folder / "detector.json"
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ArtefactError(f"{meta_path}: cannot read detector metadata: {exc}") from None
+        meta = read_artefact_json(meta_path, "detector metadata")
         if meta.get("format_version") != FORMAT_VERSION:
             raise ArtefactError(
                 f"{meta_path}: format_version {meta.get('format_version')!r}, this tfshield reads "
@@ -222,6 +219,18 @@ class Detector(ABC):
         detector.target_fpr_ = float(meta["target_fpr_"])
         detector.fitted_ = True
         return detector
+
+
+def read_artefact_json(path: Path, what: str) -> dict[str, Any]:
+    """The JSON object at ``path``, an artefact's metadata; ArtefactError naming ``what`` when it cannot
+    be read or is not an object. Plain JSON: nothing is unpickled or evaluated."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ArtefactError(f"{path}: cannot read {what}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ArtefactError(f"{path}: cannot read {what}: not a JSON object")
+    return data
 
 
 def threshold_at_fpr(benign_scores: np.ndarray, fpr: float) -> float:

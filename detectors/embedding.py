@@ -38,7 +38,7 @@ from typing import Self
 
 import numpy as np
 
-from detectors.base import ArtefactError, DetectorError, NotCalibrated
+from detectors.base import ArtefactError, DetectorError, NotCalibrated, read_artefact_json
 
 __all__ = ["Embedding"]
 
@@ -143,10 +143,7 @@ class Embedding:
     def load(cls, directory: str | Path) -> Embedding:
         folder = Path(directory)
         meta_path = folder / "embedding.json"
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ArtefactError(f"{meta_path}: cannot read embedding metadata: {exc}") from None
+        meta = read_artefact_json(meta_path, "embedding metadata")
         if meta.get("format_version") != FORMAT_VERSION:
             raise ArtefactError(
                 f"{meta_path}: format_version {meta.get('format_version')!r}, this tfshield reads "

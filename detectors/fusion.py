@@ -73,7 +73,13 @@ from typing import Self
 
 import numpy as np
 
-from detectors.base import ArtefactError, DetectorError, NotCalibrated, threshold_at_fpr
+from detectors.base import (
+    ArtefactError,
+    DetectorError,
+    NotCalibrated,
+    read_artefact_json,
+    threshold_at_fpr,
+)
 
 __all__ = ["FisherFusion", "deciding"]
 
@@ -235,10 +241,7 @@ class FisherFusion:
     def load(cls, directory: str | Path) -> FisherFusion:
         folder = Path(directory)
         meta_path = folder / "fusion.json"
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ArtefactError(f"{meta_path}: cannot read fusion metadata: {exc}") from None
+        meta = read_artefact_json(meta_path, "fusion metadata")
         version = meta.get("format_version")
         if version not in READABLE_FUSION_FORMATS or meta.get("fusion") != cls.name:
             raise ArtefactError(

@@ -41,7 +41,14 @@ from pathlib import Path
 import numpy as np
 
 from detectors import knn, ood_rate, prada, volume  # noqa: F401  (registers the monitors)
-from detectors.base import REGISTRY, ArtefactError, Detector, DetectorError, detector_class
+from detectors.base import (
+    REGISTRY,
+    ArtefactError,
+    Detector,
+    DetectorError,
+    detector_class,
+    read_artefact_json,
+)
 from detectors.blacklight import Blacklight
 from detectors.embedding import Embedding
 from detectors.monitor import Monitor, PredictedFn, prepare_batches
@@ -194,10 +201,7 @@ class MonitorSuite:
     def load(cls, directory: str | Path) -> MonitorSuite:
         folder = Path(directory)
         path = folder / SUITE_FILE
-        try:
-            meta = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ArtefactError(f"{path}: cannot read the monitor suite: {exc}") from None
+        meta = read_artefact_json(path, "the monitor suite")
         if meta.get("format_version") != SUITE_FORMAT_VERSION:
             raise ArtefactError(
                 f"{path}: format_version {meta.get('format_version')!r}, this tfshield reads "
