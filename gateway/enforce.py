@@ -53,7 +53,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import grpc
 import numpy as np
@@ -61,7 +60,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from detectors.perturb import Chain, PerturbError, deceiving, perturb_response, perturbing, row_keys
 from gateway.audit import AuditLog, AuditUnavailable
-from gateway.metrics import BoundedLabel
+from gateway.metrics import BoundedLabel, LabelledChildren
 from gateway.pipeline import Call, Refusal, Stage
 from gateway.policy import DEFAULT_SIGNATURE, Decision, DetectionLike, MonitorResultLike, Policy, PolicyHolder
 
@@ -154,15 +153,8 @@ class EnforceMetrics:
             self.perturb_failures.labels(mode)
         for outcome in ("delayed", "rejected"):
             self.throttled.labels(outcome)
-        # Children of ``decisions`` by (action, model label): bounded, as both label sets are.
-        self._decision_children: dict[tuple[str, str], Any] = {}
-
-    def decision_counter(self, action: str, model: str) -> Any:
-        """``decisions.labels(action, model)``, looked up once per pair."""
-        child = self._decision_children.get((action, model))
-        if child is None:
-            child = self._decision_children[(action, model)] = self.decisions.labels(action, model)
-        return child
+        # By (action, model label): bounded, as both label sets are.
+        self.decisions_child = LabelledChildren(self.decisions)
 
 
 @dataclass(slots=True)
@@ -245,7 +237,7 @@ class Enforcer:
         """Make ``decision`` the call's: count it and record it (closed audit failure: refuse)."""
         state.decision = decision
         model = self.model_label(call.model)
-        self.metrics.decision_counter(decision.action, model).inc()
+        self.metrics.decisions_child(decision.action, model).inc()
         for shadow in decision.shadowed:
             self.metrics.shadow_decisions.labels(shadow.action, model).inc()
         if self.audit is None or not decision.recorded:

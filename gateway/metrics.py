@@ -25,6 +25,7 @@ import bisect
 import math
 import threading
 from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -161,6 +162,28 @@ class BatchHistogramChild:
             return self._counts.copy(), self._sum
 
 
+class LabelledChildren:
+    """``metric.labels(*values)``, looked up once per tuple of label values.
+
+    prometheus-client's ``labels()`` validates its arguments and takes a lock on
+    every call; on the request path a dict lookup does the same job. Only for
+    metrics whose label values are bounded (as every label of the gateway's is),
+    since each tuple seen is kept.
+    """
+
+    __slots__ = ("_children", "_labels")
+
+    def __init__(self, metric: Any) -> None:
+        self._labels = metric.labels
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def __call__(self, *values: str) -> Any:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._labels(*values)
+        return child
+
+
 class BoundedLabel:
     """Maps free-form values to at most ``limit`` label values (+ ``_other``)."""
 
@@ -189,6 +212,7 @@ class GatewayMetrics:
             ["model", "method", "code"],
             registry=registry,
         )
+        self.requests_child = LabelledChildren(self.requests)
         self.request_duration = Histogram(
             "tfshield_request_duration_seconds",
             "Time from receiving a request to sending its answer.",

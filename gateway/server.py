@@ -248,9 +248,6 @@ class Gateway:
         identify = self.identifier.identify
         refuse_anonymous = self.identifier.refuse_anonymous
         refuse_reload = method == "HandleReloadConfigRequest" and not self.config.allow_reload_config
-        # The requests counter's child per (model label, code): a dict lookup instead of
-        # labels() on every call. Bounded: model labels are (BoundedLabel), codes are.
-        request_counters: dict[tuple[str, grpc.StatusCode], Any] = {}
         OK, INVALID = grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT
 
         async def handle(raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
@@ -308,11 +305,7 @@ class Gateway:
                 raise
             finally:
                 self.in_flight -= 1
-                key = (metrics.model_label(call.model), code)
-                counter = request_counters.get(key)
-                if counter is None:
-                    counter = request_counters[key] = metrics.requests.labels(key[0], method, code.name)
-                counter.inc()
+                metrics.requests_child(metrics.model_label(call.model), method, code.name).inc()
                 request_duration.observe(time.perf_counter() - started)
 
         return handle
