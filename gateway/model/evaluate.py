@@ -73,6 +73,7 @@ from typing import Any
 
 import numpy as np
 
+from detectors.fusion import FisherFusion, deciding
 from gateway.errors import TfshieldError
 from gateway.model.calibrate import DEFAULT_DETECTORS
 from gateway.model.processes import flushing_print
@@ -92,7 +93,7 @@ GOAL_FPR = 0.02
 FUSION_TARGET_FPR = GOAL_FPR
 FUSION_ALONE = ("margin",)
 DEFAULT_TARGET_FPR = GOAL_FPR / len(DEFAULT_DETECTORS)
-FUSION = "fisher"
+FUSION = FisherFusion.name
 PROGRESS_EVERY_S = 10.0
 
 Log = Callable[[str], None]
@@ -350,8 +351,6 @@ class Phase:
 
     def combined(self, flags: dict[str, np.ndarray]) -> np.ndarray:
         """The gateway's verdict: flagged by the fusion or validation when there is a fusion, else by any."""
-        from detectors.fusion import deciding
-
         names = deciding(flags)
         return np.any(np.stack([flags[n] for n in names]), axis=0) if names else np.zeros(self.n, dtype=bool)
 
@@ -706,8 +705,6 @@ def _roc_scores(phase: Phase, name: str, detectors: dict[str, Any]) -> np.ndarra
     over the fusion and validation, the gateway's verdict)."""
     if name != "combined":
         return phase.offline_scores[name]
-    from detectors.fusion import deciding
-
     ratios = []
     for detector_name in deciding(phase.offline_scores):
         scores = phase.offline_scores[detector_name]
