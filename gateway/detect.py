@@ -510,28 +510,32 @@ class DetectStage(Stage):
         n, parts = state.rows, state.parts
         output = state.model.manifest.output
         divergence = state.model.divergence if state.shares_reconstruction else None
+        decoded: dict[str, np.ndarray] = {}
+        blocks: list[np.ndarray] = []
         try:
-            probabilities = tensor_to_numpy(response.outputs[output], output, RESPONSE_MAX_ELEMENTS)
-            original, *rest = np.split(probabilities, parts)
-            state.outputs = original
+            decoded[output] = tensor_to_numpy(response.outputs[output], output, RESPONSE_MAX_ELEMENTS)
+            blocks = np.split(decoded[output], parts)
+            state.outputs = blocks[0]
         except Exception as exc:  # a malformed or unexpected response must not escape unscored silently
             for detector in (squeezer, divergence):
                 if detector is not None:
                     self._fail("detector_error", detector.name, exc, answered=True)
-            original, rest = None, []
         scored: list[tuple[Detector, np.ndarray]] = []
-        if original is not None and divergence is not None:
-            try:
-                scored.append((divergence, divergence.score_outputs(original, rest.pop())))
-            except Exception as exc:
-                self._fail("detector_error", divergence.name, exc, answered=True)
-        if original is not None and squeezer is not None:
-            try:
-                scored.append((squeezer, squeezer.score_outputs(original, rest)))
-            except Exception as exc:
-                self._fail("detector_error", squeezer.name, exc, answered=True)
+        if blocks:
+            original, *variants = blocks
+            reconstructed = variants.pop() if divergence is not None else None  # AE(x) rides last
+            if squeezer is not None:
+                try:
+                    scored.append((squeezer, squeezer.score_outputs(original, variants)))
+                except Exception as exc:
+                    self._fail("detector_error", squeezer.name, exc, answered=True)
+            if divergence is not None:
+                try:
+                    scored.append((divergence, divergence.score_outputs(original, reconstructed)))
+                except Exception as exc:
+                    self._fail("detector_error", divergence.name, exc, answered=True)
         for key, tensor in response.outputs.items():
-            values = tensor_to_numpy(tensor, key, RESPONSE_MAX_ELEMENTS)
+            values = decoded[key] if key in decoded else tensor_to_numpy(tensor, key, RESPONSE_MAX_ELEMENTS)
             if values.ndim and len(values) == n * parts:
                 mine = numpy_to_tensor(
                     values[:n], as_tensor_content=tensor_uses_content(tensor), dtype=tensor.dtype
@@ -540,7 +544,7 @@ class DetectStage(Stage):
         if state.added_output == output:
             del response.outputs[output]
             state.added_output = None
-        for detector, scores in reversed(scored):  # squeezing first, as before magnet_jsd existed
+        for detector, scores in scored:
             self._verdict(state, detector, scores)
         return response.SerializeToString()
 
