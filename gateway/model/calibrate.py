@@ -674,14 +674,18 @@ def format_report(result: CalibrationResult) -> str:
     """The table ``tfshield calibrate`` prints: threshold and held-out FPR per detector."""
     n = result.heldout_size
     target = result.manifest.target_fpr
-    # Within sampling error: binomial, 3 standard deviations above the target.
-    bound = target + 3 * math.sqrt(target * (1 - target) / n)
+
+    def bound(rate: float) -> float:
+        """Within sampling error: binomial, 3 standard deviations above the target ``rate``."""
+        return rate + 3 * math.sqrt(rate * (1 - rate) / n)
+
     lines = [
         f"{'detector':<18} {'threshold':>12} {'target FPR':>11} {'held-out FPR':>13}  (n = {n}; 3σ bound "
-        f"{bound:.2%} per detector)"
+        f"{bound(target):.2%} per detector)"
     ]
-    rows = [
-        (name, f"{result.detectors[name].threshold_:.6g}", f"{target:.2%}", flags)
+    # (name, threshold text, target FPR or None, held-out flags)
+    rows: list[tuple[str, str, float | None, np.ndarray]] = [
+        (name, f"{result.detectors[name].threshold_:.6g}", target, flags)
         for name, flags in result.heldout_flagged.items()
         if name in result.detectors
     ]
@@ -693,22 +697,16 @@ def format_report(result: CalibrationResult) -> str:
                 # One statistic threshold per part (Fisher's, then each alone member's); the score is in
                 # their units, so its own threshold is 1.
                 "/".join(f"{t:.4g}" for t in fusion.part_thresholds_.values()),
-                f"{fusion.target_fpr_:.2%}",
+                fusion.target_fpr_,
                 result.heldout_flagged[fusion.name],
             )
         )
     combined = "validation+fusion" if result.fusion is not None else "any (combined)"
-    rows.append((combined, "", "", result.combined_flagged))
-    fusion_bound = (
-        result.fusion.target_fpr_
-        + 3 * math.sqrt(result.fusion.target_fpr_ * (1 - result.fusion.target_fpr_) / n)
-        if result.fusion is not None
-        else bound
-    )
-    for name, threshold, target_text, flags in rows:
+    rows.append((combined, "", None, result.combined_flagged))
+    for name, threshold, row_target, flags in rows:
         fpr = float(flags.mean())
-        row_bound = fusion_bound if name.startswith("fusion ") else bound
-        note = "  above the 3σ bound" if target_text and fpr > row_bound else ""
+        target_text = "" if row_target is None else f"{row_target:.2%}"
+        note = "  above the 3σ bound" if row_target is not None and fpr > bound(row_target) else ""
         lines.append(
             f"{name:<18} {threshold:>12} {target_text:>11} {fpr:>7.2%} ({int(flags.sum())}/{n}){note}"
         )
