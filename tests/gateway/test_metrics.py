@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import threading
 
 import numpy as np
 import pytest
@@ -65,23 +64,6 @@ def test_nan_counts_in_inf_bucket_and_stays_out_of_the_sum() -> None:
     assert samples[("h_bucket", (("le", "+Inf"),))] == 14
     assert samples[("h_count", ())] == 14
     assert samples[("h_sum", ())] == pytest.approx(3.4)
-
-
-def test_concurrent_observers_lose_nothing() -> None:
-    registry = CollectorRegistry()
-    child = BatchHistogram("h", "doc", [], BUCKETS, registry).labels()
-
-    def observe() -> None:
-        for _ in range(300):
-            child.observe_many(np.full(16, 0.3))
-            child.observe(0.3)
-
-    threads = [threading.Thread(target=observe) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert _samples(registry)[("h_count", ())] == 4 * 300 * 17
 
 
 def test_wrong_label_count_and_no_finite_bucket_are_refused() -> None:
