@@ -189,7 +189,7 @@ class Detector(ABC):
             "target_fpr_": self.target_fpr_,
             "scalars": self._scalars(),
         }
-        (folder / "detector.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+        write_artefact_json(folder / "detector.json", meta)
         return folder
 
     @classmethod
@@ -219,6 +219,11 @@ class Detector(ABC):
         detector.target_fpr_ = float(meta["target_fpr_"])
         detector.fitted_ = True
         return detector
+
+
+def write_artefact_json(path: Path, meta: dict[str, Any]) -> None:
+    """Write an artefact's metadata as the plain, sorted JSON :func:`read_artefact_json` reads."""
+    path.write_text(json.dumps(meta, indent=2, sort_keys=True))
 
 
 def read_artefact_json(path: Path, what: str) -> dict[str, Any]:

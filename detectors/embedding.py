@@ -31,14 +31,19 @@ detectors; never pickle.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from pathlib import Path
 from typing import Self
 
 import numpy as np
 
-from detectors.base import ArtefactError, DetectorError, NotCalibrated, read_artefact_json
+from detectors.base import (
+    ArtefactError,
+    DetectorError,
+    NotCalibrated,
+    read_artefact_json,
+    write_artefact_json,
+)
 
 __all__ = ["Embedding"]
 
@@ -136,7 +141,7 @@ class Embedding:
         folder.mkdir(parents=True, exist_ok=True)
         np.savez(folder / "arrays.npz", mean_=self.mean_, components_=self.components_)
         meta = {"embedding": self.method, "format_version": FORMAT_VERSION, "params": self.get_params()}
-        (folder / "embedding.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+        write_artefact_json(folder / "embedding.json", meta)
         return folder
 
     @classmethod

@@ -69,7 +69,6 @@ without ``alone``.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Self
@@ -82,6 +81,7 @@ from detectors.base import (
     NotCalibrated,
     read_artefact_json,
     threshold_at_fpr,
+    write_artefact_json,
 )
 
 __all__ = ["FisherFusion", "deciding"]
@@ -237,7 +237,7 @@ class FisherFusion:
             "threshold_": self.threshold_,
             "target_fpr_": self.target_fpr_,
         }
-        (folder / "fusion.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+        write_artefact_json(folder / "fusion.json", meta)
         return folder
 
     @classmethod

@@ -33,7 +33,6 @@ the detectors' artefacts.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +47,7 @@ from detectors.base import (
     DetectorError,
     detector_class,
     read_artefact_json,
+    write_artefact_json,
 )
 from detectors.blacklight import Blacklight
 from detectors.embedding import Embedding
@@ -194,7 +194,7 @@ class MonitorSuite:
             "monitors": list(self.monitors),
             "embedding": self.embedding.fingerprint(),
         }
-        (folder / SUITE_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        write_artefact_json(folder / SUITE_FILE, meta)
         return folder
 
     @classmethod
