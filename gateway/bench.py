@@ -7,8 +7,14 @@ What runs
     float32 [batch, 28, 28, 1]). In front of it, as separate processes: the
     tfshield gateway (``tfshield serve``) and, when ``nginx`` is installed, an
     nginx ``grpc_pass`` proxy (one worker, upstream keepalive) as a reference
-    point for "what a plain C proxy costs". Every cell is (model, batch 1|32,
-    concurrency 1|16) x target (direct | gateway | nginx).
+    point for "what a plain C proxy costs", and ``aio-floor``
+    (:mod:`gateway.floor`, unless ``--no-floor``): a bare grpc.aio proxy that
+    only forwards bytes, metadata, deadline and status, on the gateway's event
+    loop, as the reference point for "what any Python grpc.aio proxy costs".
+    The gateway's rows carry ``added_p50_vs_floor_ms`` (its p50 minus the
+    floor's in the same cell): tfshield's own work on the pass-through path.
+    Every cell is (model, batch 1|32, concurrency 1|16) x target (direct |
+    aio-floor | gateway | nginx).
 
 The load generator
     A separate process (``python -m gateway.bench``, driven over a pipe) that
@@ -122,6 +128,7 @@ REPO = Path(__file__).resolve().parent.parent
 PREDICT = "/tensorflow.serving.PredictionService/Predict"
 TARGET_NAMES = (
     "direct",
+    "aio-floor",
     "gateway",
     "gateway+valid+maha",
     "gateway+all",
@@ -711,6 +718,7 @@ class Settings:
     gateway_env: dict[str, str] = field(default_factory=dict)
     detectors: bool = False
     monitors: bool = False
+    floor: bool = True
     batches: tuple[int, ...] = BATCHES
     concurrencies: tuple[int, ...] = CONCURRENCIES
 
@@ -804,6 +812,7 @@ def measure_cells(
             cell_rows.append(row)
         direct = next(r for r in cell_rows if r["target"] == "direct")
         plain = next((r for r in cell_rows if r["target"] == "gateway"), None)
+        floor = next((r for r in cell_rows if r["target"] == "aio-floor"), None)
         for row in cell_rows:
             row["added_p50_ms"] = row["p50_ms"] - direct["p50_ms"]
             row["throughput_ratio"] = row["rps"] / direct["rps"] if direct["rps"] else 0.0
@@ -813,6 +822,9 @@ def measure_cells(
             if (row["target"] in DETECTOR_TARGETS or row["target"] in MONITOR_TARGETS) and plain is not None:
                 row["added_p50_vs_gateway_ms"] = row["p50_ms"] - plain["p50_ms"]
                 row["throughput_ratio_vs_gateway"] = row["rps"] / plain["rps"] if plain["rps"] else 0.0
+            if row["target"] == "gateway" and floor is not None:
+                # tfshield's own work: the bare grpc.aio proxy of the same cell is the baseline.
+                row["added_p50_vs_floor_ms"] = row["p50_ms"] - floor["p50_ms"]
             errors = sum(row["errors"].values())
             _say(
                 f"[{index}/{len(cells)}] {model:<5} batch {batch:>2} conc {concurrency:>2} "
@@ -830,10 +842,14 @@ def judge(results: dict[str, Any]) -> list[dict[str, Any]]:
     rows = results["rows"]
     for row in rows:
         if row["target"] == "gateway" and row["concurrency"] == 1:
-            checks.append({
+            check = {
                 "target": f"added p50, {row['model']} batch {row['batch']} conc 1",
                 "measured": row["added_p50_ms"], "limit": ADDED_P50_LIMIT_MS, "op": "<=", "unit": "ms",
-            })
+            }
+            floor = _same_cell(rows, row, "aio-floor")
+            if floor is not None:
+                check["context"] = f"aio-floor {floor['added_p50_ms']:+.3f} ms"
+            checks.append(check)
     for row in rows:
         if row["target"] == "gateway" and row["concurrency"] == 16 and row["model"] == "echo":
             checks.append({
@@ -864,6 +880,35 @@ def judge(results: dict[str, Any]) -> list[dict[str, Any]]:
         measured, limit = check["measured"], check["limit"]
         check["pass"] = bool(measured <= limit if check["op"] == "<=" else measured >= limit)
     return checks
+
+
+def _same_cell(rows: list[dict[str, Any]], row: dict[str, Any], target: str) -> dict[str, Any] | None:
+    return next(
+        (r for r in rows if r["target"] == target
+         and (r["model"], r["batch"], r["concurrency"]) == (row["model"], row["batch"], row["concurrency"])),
+        None,
+    )
+
+
+def format_floor(results: dict[str, Any]) -> list[str]:
+    """What the runtime costs and what tfshield adds to it, per cell."""
+    rows = [r for r in results["rows"] if r["target"] == "gateway" and "added_p50_vs_floor_ms" in r]
+    if not rows:
+        return []
+    lines = [
+        "",
+        "the grpc.aio floor (aio-floor: a bare byte-forwarding grpc.aio proxy, gateway/floor.py), added p50 "
+        "over direct:",
+    ]
+    for row in rows:
+        floor = _same_cell(results["rows"], row, "aio-floor")
+        assert floor is not None
+        lines.append(
+            f"  {row['model']:<5} batch {row['batch']:>2} conc {row['concurrency']:>2}: aio-floor "
+            f"{floor['added_p50_ms']:+.3f} ms, gateway {row['added_p50_ms']:+.3f} ms, "
+            f"gateway over the floor {row['added_p50_vs_floor_ms']:+.3f} ms"
+        )
+    return lines
 
 
 def format_report(results: dict[str, Any]) -> str:
@@ -920,6 +965,7 @@ def format_report(results: dict[str, Any]) -> str:
     ]
     for name, info in results["others"].items():
         lines.append(f"  for comparison, {name}: RSS {info['rss_mb']:.1f} MB")
+    lines += format_floor(results)
     lines += format_detectors(results)
     lines += format_monitors(results)
     lines += ["", "targets:"]
@@ -929,6 +975,7 @@ def format_report(results: dict[str, Any]) -> str:
             f"  {'PASS' if check['pass'] else 'MISS'}  {check['target']:<{target_width}} "
             f"{check['measured']:8.3f} {check['unit']:<2} "
             f"(target {check['op']} {check['limit']} {check['unit']})"
+            + (f"  [{check['context']}]" if "context" in check else "")
         )
     for note in results["notes"]:
         lines.append(f"note: {note}")
@@ -1326,6 +1373,18 @@ def run(settings: Settings) -> dict[str, Any]:
                 addresses["nginx"] = nginx.address()
                 proxy_pids["nginx"] = nginx_worker_pids(nginx.pid) or [nginx.pid]
                 results["host"]["nginx"] = nginx.info["version"]
+            if settings.floor:
+                _say("starting the grpc.aio floor (a bare byte-forwarding proxy, gateway/floor.py) ...")
+                floor = start_with_ready_file(
+                    "aio-floor",
+                    [sys.executable, "-m", "gateway.floor", "--upstream", server.address(), "--port", "0"],
+                    workdir, 30.0, stack, settings.gateway_env,
+                )
+                first_success_s(floor.address(), requests[first_key], time.perf_counter())
+                addresses["aio-floor"] = floor.address()
+                proxy_pids["aio-floor"] = [floor.pid]
+            else:
+                notes.append("aio-floor row skipped: --no-floor")
             targets = [t for t in TARGET_NAMES if t in addresses]
 
             differences: dict[str, Any] = {}
@@ -1447,6 +1506,10 @@ def parse_args(argv: list[str] | None) -> Settings:
     parser.add_argument("--quick", action="store_true", help="a short run (for tests): 0.4 s cells, 1 round")
     parser.add_argument("--no-nginx", action="store_true", help="skip the nginx row")
     parser.add_argument(
+        "--no-floor", action="store_true",
+        help="skip the aio-floor row (a bare grpc.aio byte-forwarding proxy: what the runtime costs)",
+    )
+    parser.add_argument(
         "--detectors", action=argparse.BooleanOptionalAction, default=None,
         help="add the detector rows on mnist: gateway+valid+maha, gateway+all and a per-detector micro "
         "table, with detectors calibrated once into --cache-dir (default: on when mnist is benchmarked)",
@@ -1499,6 +1562,7 @@ def parse_args(argv: list[str] | None) -> Settings:
         warmup_s=args.warmup_s if args.warmup_s is not None else (0.1 if quick else 0.3),
         startup_runs=args.startup_runs if args.startup_runs is not None else (1 if quick else 3),
         nginx=not args.no_nginx,
+        floor=not args.no_floor,
         out=Path(args.out),
         cache_dir=Path(args.cache_dir),
         quick=quick,

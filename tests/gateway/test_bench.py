@@ -54,7 +54,7 @@ def test_quick_bench_writes_every_row_with_positive_numbers(tmp_path: Path) -> N
     text = run_quick_bench(args, out, QUICK_TIMEOUT_S)
 
     results = json.loads(out.read_text())
-    targets = ["direct", "gateway"] + (["nginx"] if nginx else [])
+    targets = ["direct", "aio-floor", "gateway"] + (["nginx"] if nginx else [])
     expected = {("echo", b, c, t) for b in (1, 32) for c in (1, 16) for t in targets}
     rows = {(r["model"], r["batch"], r["concurrency"], r["target"]): r for r in results["rows"]}
     assert set(rows) == expected
@@ -78,6 +78,15 @@ def test_quick_bench_writes_every_row_with_positive_numbers(tmp_path: Path) -> N
     }
     assert "targets:" in text
     assert results["detectors"] == {"enabled": False, "reason": "mnist not benchmarked"}
+    # The floor: the gateway's rows carry their p50 over it, and the added-p50 targets name it.
+    for b in (1, 32):
+        for c in (1, 16):
+            gw, floor = rows[("echo", b, c, "gateway")], rows[("echo", b, c, "aio-floor")]
+            assert gw["added_p50_vs_floor_ms"] == pytest.approx(gw["p50_ms"] - floor["p50_ms"])
+            assert floor["proxy_cpu_us_per_request"] > 0
+    added = [check for check in results["targets"] if check["target"].startswith("added p50")]
+    assert len(added) == 2 and all(check["context"].startswith("aio-floor +") for check in added)
+    assert "gateway over the floor" in text
 
 
 @pytest.mark.slow
