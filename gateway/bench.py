@@ -40,7 +40,13 @@ Fairness and drift
     work), each cell's duration is split into ``--rounds`` slices and the
     targets alternate: round r runs the targets in an order rotated by r
     (direct, gateway, nginx / gateway, nginx, direct / ...), after one
-    unrecorded warm-up slice per target. A row pools its rounds'
+    unrecorded warm-up slice per target. Before every slice the driver waits
+    (at most 3 s) until this run's processes are quiet (< 5 % of a core over
+    0.1 s), so that work a heavy target left queued (monitor state writes, the
+    model server finishing feature squeezing's variants) does not run on into
+    the next target's slice; the JSON keeps each slice's wait (``settle_s``)
+    and the CPU the proxies not being measured used meanwhile
+    (``idle_targets_cpu_pct``, a note when over 10 %). A row pools its rounds'
     latencies for p50/p99 and sums their calls and wall time for requests/s;
     the JSON keeps each round's requests/s so drift is visible. "Added p50" and
     "throughput ratio" compare with the direct row of the same cell, measured
@@ -162,6 +168,12 @@ IDLE_RSS_LIMIT_MB = 80.0
 STARTUP_LIMIT_S = 1.0
 DETECTORS_ADDED_P50_LIMIT_MS = 0.3  # gateway+valid+maha p50 - gateway p50, concurrency 1
 BACKGROUND_WARN_PCT = 10.0  # CPU of other processes, % of one core, above which results carry a note
+# Before each slice, wait (at most SETTLE_MAX_S) until this run's processes together use less than
+# SETTLE_QUIET_PCT of a core over SETTLE_WINDOW_S: work a target queued (monitor writes, a model
+# server still computing a heavy target's variants) must not run on in the next target's slice.
+SETTLE_QUIET_PCT = 5.0
+SETTLE_WINDOW_S = 0.1
+SETTLE_MAX_S = 3.0
 
 
 class BenchError(Exception):
@@ -635,6 +647,20 @@ def cpu_seconds(pids: list[int]) -> float:
     return total
 
 
+def settle(pids: list[int]) -> float:
+    """Wait until ``pids`` together use < SETTLE_QUIET_PCT of a core over SETTLE_WINDOW_S, at most
+    SETTLE_MAX_S; returns the seconds waited."""
+    started = time.perf_counter()
+    before = cpu_seconds(pids)
+    while True:
+        time.sleep(SETTLE_WINDOW_S)
+        after = cpu_seconds(pids)
+        quiet = 100.0 * (after - before) / SETTLE_WINDOW_S < SETTLE_QUIET_PCT
+        if quiet or time.perf_counter() - started >= SETTLE_MAX_S:
+            return time.perf_counter() - started
+        before = after
+
+
 def machine_busy_s() -> float:
     """CPU seconds the whole machine has spent not idle, over all cores."""
     import psutil
@@ -748,6 +774,7 @@ def measure_cells(
     rows: list[dict[str, Any]] = []
     # Everything this run started, and the driver itself: the rest of the machine's CPU is background.
     ours = sorted({os.getpid(), client.pid, server_pid, *(p for pids in proxy_pids.values() for p in pids)})
+    settled_on = [p for p in ours if p != os.getpid()]  # the driver itself polls while it waits
     cells = list(_cells(settings))
     slice_s = settings.duration_s / settings.rounds
     slice_requests = None if settings.requests is None else max(1, settings.requests // settings.rounds)
@@ -764,13 +791,17 @@ def measure_cells(
         pooled: dict[str, dict[str, Any]] = {
             t: {"latencies_us": [], "elapsed_s": 0.0, "errors": {}, "client_cpu_s": 0.0,
                 "proxy_cpu_s": 0.0, "server_cpu_s": 0.0, "background_cpu_s": 0.0, "round_rps": [],
-                "round_p50_ms": []}
+                "round_p50_ms": [], "idle_targets_cpu_s": 0.0, "settle_s": []}
             for t in targets
         }
         for round_ in range(settings.rounds):
             order = targets[round_ % len(targets):] + targets[: round_ % len(targets)]
             for target in order:
                 pids = proxy_pids.get(target, [])
+                # The other proxies, which should sit idle while this target is measured.
+                idle_targets = [p for p in settled_on if p not in (*pids, server_pid, client.pid)]
+                pooled[target]["settle_s"].append(settle(settled_on))
+                idle0 = cpu_seconds(idle_targets)
                 proxy0, server0 = cpu_seconds(pids), cpu_seconds([server_pid])
                 ours0, busy0 = cpu_seconds(ours), machine_busy_s()
                 answer = client.ask(
@@ -781,6 +812,7 @@ def measure_cells(
                 acc = pooled[target]
                 acc["background_cpu_s"] += max(0.0, machine_busy_s() - busy0 - (cpu_seconds(ours) - ours0))
                 acc["proxy_cpu_s"] += cpu_seconds(pids) - proxy0
+                acc["idle_targets_cpu_s"] += cpu_seconds(idle_targets) - idle0
                 acc["server_cpu_s"] += cpu_seconds([server_pid]) - server0
                 acc["latencies_us"] += answer["latencies_us"]
                 acc["elapsed_s"] += answer["elapsed_s"]
@@ -804,6 +836,11 @@ def measure_cells(
                 "background_cpu_pct": (
                     100.0 * acc["background_cpu_s"] / acc["elapsed_s"] if acc["elapsed_s"] else 0.0
                 ),
+                # This run's other proxies, busy while they were not the target (should be ~0).
+                "idle_targets_cpu_pct": (
+                    100.0 * acc["idle_targets_cpu_s"] / acc["elapsed_s"] if acc["elapsed_s"] else 0.0
+                ),
+                "settle_s": acc["settle_s"],
                 "server_cpu_us_per_request": 1e6 * acc["server_cpu_s"] / completed if completed else 0.0,
                 "proxy_cpu_us_per_request": (
                     1e6 * acc["proxy_cpu_s"] / completed if completed and target != "direct" else None
@@ -1428,6 +1465,18 @@ def run(settings: Settings) -> dict[str, Any]:
                 + f" each, after a {settings.warmup_s:.2f} s warm-up per target"
             )
             results["rows"] = measure_cells(settings, client, targets, proxy_pids, server.pid)
+            spill = max(row["idle_targets_cpu_pct"] for row in results["rows"])
+            if spill > BACKGROUND_WARN_PCT:
+                notes.append(
+                    f"proxies that were not being measured used up to {spill:.0f}% of a core during a "
+                    "measurement (idle_targets_cpu_pct in the JSON): work left over from an earlier slice"
+                )
+            unsettled = sum(s >= SETTLE_MAX_S for row in results["rows"] for s in row["settle_s"])
+            if unsettled:
+                notes.append(
+                    f"{unsettled} slice(s) started after {SETTLE_MAX_S:.0f} s without this run's processes "
+                    f"going quiet (< {SETTLE_QUIET_PCT:.0f}% of a core)"
+                )
             busiest = max(row["background_cpu_pct"] for row in results["rows"])
             if busiest > BACKGROUND_WARN_PCT:
                 notes.append(

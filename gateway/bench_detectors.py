@@ -77,7 +77,8 @@ from gateway.errors import TfshieldError
 from gateway.model.processes import RedisServer, stop_process
 from gateway.model.processes import start_redis as start_redis_server
 
-RECIPE = "bench-detectors-v1"
+# v2: the Mahalanobis detector keeps 30 components by default (was 50).
+RECIPE = "bench-detectors-v2"
 MODEL = "mnist"
 INPUT = "images"
 OUTPUT = "probabilities"
