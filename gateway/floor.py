@@ -37,7 +37,7 @@ import sys
 import grpc
 
 from gateway.config import UpstreamConfig
-from gateway.forward import forwardable
+from gateway.forward import forwardable, relay_metadata
 from gateway.readyfile import write_ready_file
 from gateway.server import event_loop_factory
 
@@ -73,12 +73,7 @@ class _ForwardEverything(grpc.GenericRpcHandler):
                 if trailing:
                     context.set_trailing_metadata(tuple(trailing))
                 await context.abort(exc.code(), exc.details() or "")
-            initial = await call.initial_metadata()
-            if initial:
-                await context.send_initial_metadata(tuple(initial))
-            trailing = await call.trailing_metadata()
-            if trailing:
-                context.set_trailing_metadata(tuple(trailing))
+            await relay_metadata(call, context)
             return response
 
         return forward

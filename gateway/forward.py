@@ -34,6 +34,16 @@ def forwardable(metadata: Metadata | None) -> tuple[tuple[str, str | bytes], ...
     )
 
 
+async def relay_metadata(upstream_call: grpc.aio.UnaryUnaryCall, context: grpc.aio.ServicerContext) -> None:
+    """Pass a finished upstream call's initial and trailing metadata back to the client."""
+    initial = await upstream_call.initial_metadata()
+    if initial:
+        await context.send_initial_metadata(tuple(initial))
+    trailing = await upstream_call.trailing_metadata()
+    if trailing:
+        context.set_trailing_metadata(tuple(trailing))
+
+
 def channel_options(config: GatewayConfig, index: int) -> list[tuple[str, int | str]]:
     limit = config.limits.max_message_bytes
     options: list[tuple[str, int | str]] = [

@@ -33,7 +33,7 @@ from gateway.control import create_control_server, install_sighup_reload
 from gateway.decode import peek_model_name
 from gateway.enforce import Enforcer
 from gateway.errors import ConfigError, InvalidInput
-from gateway.forward import UpstreamPool, forwardable
+from gateway.forward import UpstreamPool, forwardable, relay_metadata
 from gateway.health import HealthService
 from gateway.identity import ANONYMOUS, ClientIdentifier
 from gateway.metrics import GatewayMetrics
@@ -293,12 +293,7 @@ class Gateway:
                 except Refusal as exc:
                     code = exc.code
                     await context.abort(code, exc.message, getattr(exc, "trailing_metadata", ()))
-                initial = await upstream_call.initial_metadata()
-                if initial:
-                    await context.send_initial_metadata(tuple(initial))
-                trailing = await upstream_call.trailing_metadata()
-                if trailing:
-                    context.set_trailing_metadata(tuple(trailing))
+                await relay_metadata(upstream_call, context)
                 return response
             except asyncio.CancelledError:
                 code = grpc.StatusCode.CANCELLED
