@@ -58,8 +58,9 @@ alone does worse (Fisher at 1 % OR any of six at 1 %/6: CW-L2 61.8 %): with
 1,000 calibration samples a member then fires only above every benign score,
 so its share of the budget buys nothing; margin is the one member that sees
 boundary examples. With the evaluation's current CW-L2 schedule (5 × 100
-iterations at learning rate 0.01, 200 digits), the same verdict flags 96.0 %
-(190/198) of CW-L2 at 1.4 % held-out FPR.
+iterations at learning rate 0.01, 200 digits), the same verdict flags 95.5 %
+(189/198) of CW-L2 at 1.4 % held-out FPR (96.0 %, 190/198, while the
+Mahalanobis member kept 50 components instead of 30).
 
 Saved like a detector: ``fusion.json`` (name, format version, members, alone,
 each part's threshold) and ``arrays.npz`` (``reference_``, members × n,
