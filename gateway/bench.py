@@ -46,7 +46,11 @@ Fairness and drift
     model server finishing feature squeezing's variants) does not run on into
     the next target's slice; the JSON keeps each slice's wait (``settle_s``)
     and the CPU the proxies not being measured used meanwhile
-    (``idle_targets_cpu_pct``, a note when over 10 %). A row pools its rounds'
+    (``idle_targets_cpu_pct``, a note when over 10 %). When a row the latency
+    targets compare (direct, aio-floor, gateway, gateway+valid+maha at
+    concurrency 1) has round p50s more than 0.2 ms apart, a note says the run
+    was unsteady: the machine changed state by as much as the targets'
+    margins, and a PASS or MISS near its line means little. A row pools its rounds'
     latencies for p50/p99 and sums their calls and wall time for requests/s;
     the JSON keeps each round's requests/s so drift is visible. "Added p50" and
     "throughput ratio" compare with the direct row of the same cell, measured
@@ -172,6 +176,10 @@ BACKGROUND_WARN_PCT = 10.0  # CPU of other processes, % of one core, above which
 # SETTLE_QUIET_PCT of a core over SETTLE_WINDOW_S: work a target queued (monitor writes, a model
 # server still computing a heavy target's variants) must not run on in the next target's slice.
 SETTLE_QUIET_PCT = 5.0
+# A row at concurrency 1 whose rounds' p50s differ by more than this carries a note: the
+# machine changed state during the cell by as much as the differences the targets judge.
+ROUND_SPREAD_WARN_MS = 0.2
+JUDGED_LATENCY_TARGETS = ("direct", "aio-floor", "gateway", "gateway+valid+maha")  # in the p50 targets
 SETTLE_WINDOW_S = 0.1
 SETTLE_MAX_S = 3.0
 
@@ -1465,6 +1473,24 @@ def run(settings: Settings) -> dict[str, Any]:
                 + f" each, after a {settings.warmup_s:.2f} s warm-up per target"
             )
             results["rows"] = measure_cells(settings, client, targets, proxy_pids, server.pid)
+            spread = sorted(
+                ((max(row["round_p50_ms"]) - min(row["round_p50_ms"]), row)
+                 for row in results["rows"]
+                 if row["concurrency"] == 1 and row["target"] in JUDGED_LATENCY_TARGETS
+                 and len(row["round_p50_ms"]) > 1),
+                key=lambda pair: pair[0],
+            )
+            unsteady = [(s, row) for s, row in spread if s > ROUND_SPREAD_WARN_MS]
+            if unsteady:
+                worst, row = unsteady[-1]
+                notes.append(
+                    f"{len(unsteady)} row(s) the latency targets compare (concurrency 1: "
+                    f"{', '.join(JUDGED_LATENCY_TARGETS)}) had round p50s more than "
+                    f"{ROUND_SPREAD_WARN_MS} ms apart (widest: {row['model']} batch {row['batch']} "
+                    f"{row['target']}, {worst:.2f} ms; "
+                    "round_p50_ms in the JSON): the machine changed state during the run by as much as the "
+                    "targets' margins, so rerun before reading a PASS or MISS near its line"
+                )
             spill = max(row["idle_targets_cpu_pct"] for row in results["rows"])
             if spill > BACKGROUND_WARN_PCT:
                 notes.append(
