@@ -2,23 +2,24 @@
 
 ``tfshield bench`` runs this beside the gateway so that every run measures,
 on the same machine and in the same alternating rounds, what the runtime
-itself costs: a grpc.aio server that forwards each unary call's bytes to one
-grpc.aio channel and hands the answer back. It does only what a drop-in proxy
+itself costs: a grpc.aio server that forwards each unary call's bytes upstream
+over grpc.aio channels and hands the answer back. It does only what a drop-in proxy
 must do to be correct, nothing a security gateway adds:
 
 - the request bytes go upstream unparsed, the response bytes come back unparsed;
 - the client's custom metadata and remaining deadline go upstream;
 - the upstream's initial and trailing metadata, status code and message come back;
 - every method path is forwarded (one generic handler);
-- the same event loop as the gateway (uvloop when installed), the same
-  message-size limit and as many upstream connections as the gateway's default
-  pool, used round-robin (one connection serialises concurrent calls through
-  one socket), so the two differ only in the gateway's own work.
+- the gateway's defaults for everything else: its event loop (uvloop when
+  installed), its server and channel options (:func:`gateway.server.server_options`,
+  :func:`gateway.forward.channel_options`: message limits, keepalive, no
+  retries) and as many upstream connections as its pool, used round-robin,
+  so the two differ only in the gateway's own work.
 
 No client identity, no decode or validation, no policy, no metrics, no health
-service, no reconnect tuning: the gateway's added latency minus this one's is
-what tfshield's own logic costs, and this one's added latency is the floor no
-Python grpc.aio proxy gets under on that machine.
+service: the gateway's added latency minus this one's is what tfshield's own
+logic costs, and this one's added latency is what a Python grpc.aio proxy
+with the gateway's settings costs at least on that machine.
 
 It is a benchmark reference, not a product: no TLS, no drain on SIGTERM (it
 exits), loopback only. Started with ``--upstream HOST:PORT --port 0
@@ -36,16 +37,14 @@ import sys
 
 import grpc
 
-from gateway.config import UpstreamConfig
-from gateway.forward import forwardable, relay_metadata
+from gateway.config import GatewayConfig
+from gateway.forward import channel_options, forwardable, relay_metadata
 from gateway.readyfile import write_ready_file
-from gateway.server import event_loop_factory
-
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+from gateway.server import event_loop_factory, server_options
 
 
 class _ForwardEverything(grpc.GenericRpcHandler):
-    """A unary-unary handler for any method path, forwarding to ``channel``."""
+    """A unary-unary handler for any method path, forwarding to ``channels`` in turn."""
 
     def __init__(self, channels: list[grpc.aio.Channel]) -> None:
         self._channels = channels
@@ -80,17 +79,12 @@ class _ForwardEverything(grpc.GenericRpcHandler):
 
 
 async def serve(upstream: str, listen: str, ready_file: str | None, loop_name: str) -> None:
-    limits = [
-        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ]
-    # A local subchannel pool each, or gRPC would share one connection between the channels.
-    own = [("grpc.use_local_subchannel_pool", 1)]
+    config = GatewayConfig()  # the gateway's defaults
     channels = [
-        grpc.aio.insecure_channel(upstream, options=[*limits, *own, ("tfshield.floor_channel", index)])
-        for index in range(UpstreamConfig().channels)
+        grpc.aio.insecure_channel(upstream, options=channel_options(config, index))
+        for index in range(config.upstream.channels)
     ]
-    server = grpc.aio.server(options=limits)
+    server = grpc.aio.server(options=server_options(config))
     server.add_generic_rpc_handlers((_ForwardEverything(channels),))
     port = server.add_insecure_port(listen)
     if port == 0:
@@ -117,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=0, help="listen port on 127.0.0.1 (default 0: ephemeral)")
     parser.add_argument("--ready-file", help="write {pid, grpc_port, event_loop} here once listening")
     args = parser.parse_args(argv)
-    loop_factory, loop_name = event_loop_factory("auto")
+    loop_factory, loop_name = event_loop_factory(GatewayConfig().event_loop)
     with asyncio.Runner(loop_factory=loop_factory) as runner:
         runner.run(serve(args.upstream, f"127.0.0.1:{args.port}", args.ready_file, loop_name))
     return 0
