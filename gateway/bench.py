@@ -176,12 +176,12 @@ BACKGROUND_WARN_PCT = 10.0  # CPU of other processes, % of one core, above which
 # SETTLE_QUIET_PCT of a core over SETTLE_WINDOW_S: work a target queued (monitor writes, a model
 # server still computing a heavy target's variants) must not run on in the next target's slice.
 SETTLE_QUIET_PCT = 5.0
+SETTLE_WINDOW_S = 0.1
+SETTLE_MAX_S = 3.0
 # A row at concurrency 1 whose rounds' p50s differ by more than this carries a note: the
 # machine changed state during the cell by as much as the differences the targets judge.
 ROUND_SPREAD_WARN_MS = 0.2
 JUDGED_LATENCY_TARGETS = ("direct", "aio-floor", "gateway", "gateway+valid+maha")  # in the p50 targets
-SETTLE_WINDOW_S = 0.1
-SETTLE_MAX_S = 3.0
 
 
 class BenchError(Exception):
@@ -881,6 +881,49 @@ def measure_cells(
     return rows
 
 
+def measurement_notes(rows: list[dict[str, Any]]) -> list[str]:
+    """Notes on how far to trust the rows: an unsteady machine, proxies busy out of turn, slices
+    started unsettled, other processes' CPU."""
+    notes = []
+    spreads = [
+        (max(row["round_p50_ms"]) - min(row["round_p50_ms"]), row)
+        for row in rows
+        if row["concurrency"] == 1
+        and row["target"] in JUDGED_LATENCY_TARGETS
+        and len(row["round_p50_ms"]) > 1
+    ]
+    unsteady = [(spread, row) for spread, row in spreads if spread > ROUND_SPREAD_WARN_MS]
+    if unsteady:
+        worst, row = max(unsteady, key=lambda pair: pair[0])
+        notes.append(
+            f"{len(unsteady)} row(s) the latency targets compare (concurrency 1: "
+            f"{', '.join(JUDGED_LATENCY_TARGETS)}) had round p50s more than "
+            f"{ROUND_SPREAD_WARN_MS} ms apart (widest: {row['model']} batch {row['batch']} "
+            f"{row['target']}, {worst:.2f} ms; "
+            "round_p50_ms in the JSON): the machine changed state during the run by as much as the "
+            "targets' margins, so rerun before reading a PASS or MISS near its line"
+        )
+    spill = max(row["idle_targets_cpu_pct"] for row in rows)
+    if spill > BACKGROUND_WARN_PCT:
+        notes.append(
+            f"proxies that were not being measured used up to {spill:.0f}% of a core during a "
+            "measurement (idle_targets_cpu_pct in the JSON): work left over from an earlier slice"
+        )
+    unsettled = sum(s >= SETTLE_MAX_S for row in rows for s in row["settle_s"])
+    if unsettled:
+        notes.append(
+            f"{unsettled} slice(s) started after {SETTLE_MAX_S:.0f} s without this run's processes "
+            f"going quiet (< {SETTLE_QUIET_PCT:.0f}% of a core)"
+        )
+    busiest = max(row["background_cpu_pct"] for row in rows)
+    if busiest > BACKGROUND_WARN_PCT:
+        notes.append(
+            f"other processes used up to {busiest:.0f}% of a core during a measurement (column "
+            "'other CPU'): the numbers are pessimistic and noisier; rerun on a quiet machine"
+        )
+    return notes
+
+
 def judge(results: dict[str, Any]) -> list[dict[str, Any]]:
     """The targets next to the measured values."""
     checks: list[dict[str, Any]] = []
@@ -1473,42 +1516,7 @@ def run(settings: Settings) -> dict[str, Any]:
                 + f" each, after a {settings.warmup_s:.2f} s warm-up per target"
             )
             results["rows"] = measure_cells(settings, client, targets, proxy_pids, server.pid)
-            spread = sorted(
-                ((max(row["round_p50_ms"]) - min(row["round_p50_ms"]), row)
-                 for row in results["rows"]
-                 if row["concurrency"] == 1 and row["target"] in JUDGED_LATENCY_TARGETS
-                 and len(row["round_p50_ms"]) > 1),
-                key=lambda pair: pair[0],
-            )
-            unsteady = [(s, row) for s, row in spread if s > ROUND_SPREAD_WARN_MS]
-            if unsteady:
-                worst, row = unsteady[-1]
-                notes.append(
-                    f"{len(unsteady)} row(s) the latency targets compare (concurrency 1: "
-                    f"{', '.join(JUDGED_LATENCY_TARGETS)}) had round p50s more than "
-                    f"{ROUND_SPREAD_WARN_MS} ms apart (widest: {row['model']} batch {row['batch']} "
-                    f"{row['target']}, {worst:.2f} ms; "
-                    "round_p50_ms in the JSON): the machine changed state during the run by as much as the "
-                    "targets' margins, so rerun before reading a PASS or MISS near its line"
-                )
-            spill = max(row["idle_targets_cpu_pct"] for row in results["rows"])
-            if spill > BACKGROUND_WARN_PCT:
-                notes.append(
-                    f"proxies that were not being measured used up to {spill:.0f}% of a core during a "
-                    "measurement (idle_targets_cpu_pct in the JSON): work left over from an earlier slice"
-                )
-            unsettled = sum(s >= SETTLE_MAX_S for row in results["rows"] for s in row["settle_s"])
-            if unsettled:
-                notes.append(
-                    f"{unsettled} slice(s) started after {SETTLE_MAX_S:.0f} s without this run's processes "
-                    f"going quiet (< {SETTLE_QUIET_PCT:.0f}% of a core)"
-                )
-            busiest = max(row["background_cpu_pct"] for row in results["rows"])
-            if busiest > BACKGROUND_WARN_PCT:
-                notes.append(
-                    f"other processes used up to {busiest:.0f}% of a core during a measurement (column "
-                    "'other CPU'): the numbers are pessimistic and noisier; rerun on a quiet machine"
-                )
+            notes += measurement_notes(results["rows"])
             client.ask({"op": "close"}, 10.0)
 
             final = rss_mb(gateway.pid)

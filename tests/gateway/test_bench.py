@@ -195,3 +195,38 @@ def test_the_monitor_suite_cache_is_keyed_by_the_default_monitors(
     monkeypatch.setattr(monitor_calibration, "DEFAULT_MONITORS", more)
     after = monitor_suite_folder(model_cache_dir)
     assert after != before and after.parent == before.parent
+
+
+def _row(
+    target: str, concurrency: int = 1, rounds: tuple[float, ...] = (1.0, 1.05, 1.1), **extra: object
+) -> dict[str, object]:
+    return {
+        "model": "mnist", "batch": 32, "concurrency": concurrency, "target": target,
+        "round_p50_ms": list(rounds), "idle_targets_cpu_pct": 0.0, "settle_s": [0.1] * len(rounds),
+        "background_cpu_pct": 0.0, **extra,
+    }  # fmt: skip
+
+
+def test_measurement_notes_flag_only_what_makes_a_run_untrustworthy() -> None:
+    from gateway.bench import SETTLE_MAX_S, measurement_notes
+
+    steady = [_row(t) for t in ("direct", "aio-floor", "gateway", "gateway+valid+maha", "nginx")]
+    # Heavy targets and concurrency 16 vary more by nature; the latency targets do not compare them.
+    steady += [
+        _row("gateway+all", rounds=(8.0, 9.5, 8.2)),
+        _row("gateway", concurrency=16, rounds=(30.0, 33.0)),
+    ]
+    assert measurement_notes(steady) == []
+
+    unsteady = [*steady, _row("aio-floor", rounds=(3.0, 3.4, 3.1)), _row("direct", rounds=(2.4, 3.3, 2.5))]
+    (note,) = measurement_notes(unsteady)
+    assert note.startswith("2 row(s) the latency targets compare")
+    assert "widest: mnist batch 32 direct, 0.90 ms" in note
+
+    busy = [*steady, _row("nginx", idle_targets_cpu_pct=15.0, background_cpu_pct=20.0)]
+    busy.append(_row("gateway+monitors", settle_s=[0.1, SETTLE_MAX_S, SETTLE_MAX_S]))
+    notes = measurement_notes(busy)
+    assert len(notes) == 3
+    assert "proxies that were not being measured used up to 15%" in notes[0]
+    assert notes[1].startswith("2 slice(s) started after 3 s")
+    assert "other processes used up to 20%" in notes[2]
