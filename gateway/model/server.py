@@ -1083,10 +1083,8 @@ def main(argv: list[str]) -> int:
     if args.grpc_socket_path:
         logger.info("and on unix socket %s", args.grpc_socket_path)
     if args.ready_file:
-        if args.grpc_socket_path:
-            write_ready_file(args.ready_file, grpc_port=port, grpc_socket_path=args.grpc_socket_path)
-        else:
-            write_ready_file(args.ready_file, grpc_port=port)
+        socket = {"grpc_socket_path": args.grpc_socket_path} if args.grpc_socket_path else {}
+        write_ready_file(args.ready_file, grpc_port=port, **socket)
     while not stop.wait(0.5):
         pass
     logger.info("stopping: letting in-flight calls finish (up to %.1f s)", args.shutdown_grace_s)
