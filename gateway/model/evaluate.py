@@ -24,8 +24,8 @@ Steps (progress is printed; a full run takes several minutes on 2 CPU cores):
    and DeepFool. CW-L2 and DeepFool are slow in ART, so they run on fewer
    digits (200 each). CW-L2 runs at κ = 0 with Carlini & Wagner's
    learning rate (0.01) for 5 binary-search steps of 100 iterations from
-   c = 1 (ART halves or doubles c up to 5 times per step), most of the
-   eval's ~20 minutes; it succeeds on ~98 % of the digits. (A shorter
+   c = 1 (ART halves or doubles c up to 5 times per step), about 13 of the
+   eval's 15 minutes on 2 cores; it succeeds on ~98 % of the digits. (A shorter
    schedule, 3 × 10 iterations at learning rate 0.1, succeeded on 76 % and
    left more examples off the decision boundary; 9 steps or 200 iterations
    changed no verdict.) An adversarial example is
