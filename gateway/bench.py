@@ -996,6 +996,13 @@ def format_floor(results: dict[str, Any]) -> list[str]:
             f"{floor['added_p50_ms']:+.3f} ms, gateway {row['added_p50_ms']:+.3f} ms, "
             f"gateway over the floor {row['added_p50_vs_floor_ms']:+.3f} ms"
         )
+    floor_io = results["host"].get("floor_grpc_experiments")
+    gateway_io = results.get("gateway", {}).get("grpc_experiments")
+    if floor_io is not None and gateway_io is not None and floor_io != gateway_io:
+        lines.append(
+            f"  NOTE: the floor ran with GRPC_EXPERIMENTS={floor_io!r}, the gateway with {gateway_io!r}: "
+            "their difference is not tfshield's alone"
+        )
     return lines
 
 
@@ -1047,6 +1054,7 @@ def format_report(results: dict[str, Any]) -> str:
         f"  RSS idle after warm-up: {gateway['idle_rss_mb']:.1f} MB (USS {gateway['idle_uss_mb']:.1f} MB); "
         f"after the run: {gateway['final_rss_mb']:.1f} MB",
         f"  event loop: {gateway.get('event_loop', 'asyncio')} (config event_loop; uvloop is the fast extra)",
+        f"  GRPC_EXPERIMENTS: {gateway.get('grpc_experiments') or '(gRPC defaults)'}",
         "  TensorFlow loaded: "
         + ("NO (no tensorflow library mapped)" if not gateway["tensorflow_mapped"]
            else "YES: " + ", ".join(gateway["tensorflow_mapped"])),
@@ -1471,6 +1479,7 @@ def run(settings: Settings) -> dict[str, Any]:
                 first_success_s(floor.address(), requests[first_key], time.perf_counter())
                 addresses["aio-floor"] = floor.address()
                 proxy_pids["aio-floor"] = [floor.pid]
+                results["host"]["floor_grpc_experiments"] = floor.info.get("grpc_experiments", "")
             else:
                 notes.append("aio-floor row skipped: --no-floor")
             targets = [t for t in TARGET_NAMES if t in addresses]
@@ -1534,6 +1543,7 @@ def run(settings: Settings) -> dict[str, Any]:
                 "tensorflow_mapped": tf_maps,
                 "tensorflow_loaded": bool(tf_maps),
                 "event_loop": gateway.info.get("event_loop", "asyncio"),
+                "grpc_experiments": gateway.info.get("grpc_experiments", ""),
             }
             results["others"] = {"model server": rss_mb(server.pid)}
             if detector_gateways:

@@ -10,10 +10,11 @@ must do to be correct, nothing a security gateway adds:
 - the client's custom metadata and remaining deadline go upstream;
 - the upstream's initial and trailing metadata, status code and message come back;
 - every method path is forwarded (one generic handler);
-- the gateway's defaults for everything else: its event loop (uvloop when
-  installed), its server and channel options (:func:`gateway.server.server_options`,
-  :func:`gateway.forward.channel_options`: message limits, keepalive, no
-  retries) and as many upstream connections as its pool, used round-robin,
+- the gateway's defaults for everything else: its gRPC I/O path (the
+  ``GRPC_EXPERIMENTS`` default ``tfshield serve`` sets, :mod:`gateway.cli`),
+  its event loop (uvloop when installed), its server and channel options
+  (:func:`gateway.server.server_options`, :func:`gateway.forward.channel_options`:
+  message limits, keepalive, no retries) and as many upstream connections as its pool, used round-robin,
   so the two differ only in the gateway's own work.
 
 No client identity, no decode or validation, no policy, no metrics, no health
@@ -23,8 +24,8 @@ with the gateway's settings costs at least on that machine.
 
 It is a benchmark reference, not a product: no TLS, no drain on SIGTERM (it
 exits), loopback only. Started with ``--upstream HOST:PORT --port 0
---ready-file F``; it writes ``{"pid", "grpc_port", "event_loop"}`` to F once
-listening, like ``tfshield serve``.
+--ready-file F``; once listening it writes ``{"pid", "grpc_port",
+"event_loop", "grpc_experiments"}`` to F, as ``tfshield serve`` does.
 """
 
 from __future__ import annotations
@@ -32,15 +33,23 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+import os
 import signal
 import sys
 
-import grpc
+if __name__ == "__main__":
+    # A process of its own: the same gRPC I/O path as `tfshield serve`, chosen
+    # before grpc loads (an explicit setting wins there too).
+    from gateway.cli import GRPC_EXPERIMENTS
 
-from gateway.config import GatewayConfig
-from gateway.forward import channel_options, forwardable, relay_metadata
-from gateway.readyfile import write_ready_file
-from gateway.server import event_loop_factory, server_options
+    os.environ.setdefault("GRPC_EXPERIMENTS", GRPC_EXPERIMENTS)
+
+import grpc  # noqa: E402
+
+from gateway.config import GatewayConfig  # noqa: E402
+from gateway.forward import channel_options, forwardable, relay_metadata  # noqa: E402
+from gateway.readyfile import write_ready_file  # noqa: E402
+from gateway.server import event_loop_factory, server_options  # noqa: E402
 
 
 class _ForwardEverything(grpc.GenericRpcHandler):
@@ -91,7 +100,12 @@ async def serve(upstream: str, listen: str, ready_file: str | None, loop_name: s
         raise SystemExit(f"gateway.floor: cannot bind {listen}")
     await server.start()
     if ready_file:
-        write_ready_file(ready_file, grpc_port=port, event_loop=loop_name)
+        write_ready_file(
+            ready_file,
+            grpc_port=port,
+            event_loop=loop_name,
+            grpc_experiments=os.environ.get("GRPC_EXPERIMENTS", ""),
+        )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 import time
@@ -355,7 +356,12 @@ async def serve(config: GatewayConfig, ready_file: str | None = None) -> None:
         ports: dict[str, int | str] = {"grpc_port": port, "metrics_port": gateway.metrics_port}
         if gateway.control_port:
             ports["control_port"] = gateway.control_port
-        write_ready_file(ready_file, **ports, event_loop=_loop_name())
+        write_ready_file(
+            ready_file,
+            **ports,
+            event_loop=_loop_name(),
+            grpc_experiments=os.environ.get("GRPC_EXPERIMENTS", ""),
+        )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     install_sighup_reload(gateway.policy, loop)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway.cli import GRPC_EXPERIMENTS
 from tests.procs import REPO
 
 QUICK_TIMEOUT_S = 120  # the run itself takes ~30 s; the rest is slack for a cold TensorFlow import
@@ -87,6 +88,10 @@ def test_quick_bench_writes_every_row_with_positive_numbers(tmp_path: Path) -> N
     added = [check for check in results["targets"] if check["target"].startswith("added p50")]
     assert len(added) == 2 and all(check["context"].startswith("aio-floor +") for check in added)
     assert "gateway over the floor" in text
+    # Both ran on the same gRPC I/O path, or "gateway over the floor" is not tfshield's cost.
+    assert results["host"]["floor_grpc_experiments"] == gateway["grpc_experiments"]
+    assert gateway["grpc_experiments"] == os.environ.get("GRPC_EXPERIMENTS", GRPC_EXPERIMENTS)
+    assert "the floor ran with GRPC_EXPERIMENTS" not in text
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ from it that the gateway's pass-through also has to do.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,7 @@ import grpc
 import numpy as np
 import pytest
 
+from gateway.cli import GRPC_EXPERIMENTS
 from tests.gateway.conftest import PREDICT, raw_unary
 from tests.gateway.test_server import digits, predict_request
 from tests.procs import Proc, start
@@ -70,7 +72,9 @@ def test_metadata_and_deadline_reach_the_upstream(floor: Proc) -> None:
     assert 3000 < float(seen["x-tfshield-deadline-ms"]) <= 5100
 
 
-def test_it_loads_no_tensorflow_and_uses_the_gateways_event_loop(floor: Proc) -> None:
+def test_it_loads_no_tensorflow_and_runs_on_the_gateways_event_loop_and_grpc_io_path(
+    floor: Proc, gateway: Proc
+) -> None:
     maps = Path(f"/proc/{floor.pid}/maps").read_text()
     assert "tensorflow" not in maps
     try:
@@ -80,3 +84,6 @@ def test_it_loads_no_tensorflow_and_uses_the_gateways_event_loop(floor: Proc) ->
     except ImportError:
         expected = "asyncio"
     assert floor.info["event_loop"] == expected
+    # The same GRPC_EXPERIMENTS as `tfshield serve` (an explicit setting wins in both).
+    experiments = os.environ.get("GRPC_EXPERIMENTS", GRPC_EXPERIMENTS)
+    assert floor.info["grpc_experiments"] == gateway.info["grpc_experiments"] == experiments
