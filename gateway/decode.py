@@ -1,10 +1,26 @@
 """The decode stage: read only what the gateway needs from a raw request.
 
-Two costs are kept apart. ``peek_model_name`` walks the protobuf wire format
+Three costs are kept apart. ``peek_model_name`` walks the protobuf wire format
 just far enough to find ``model_spec.name`` (it is field 1 of every request
 that names a model, so this usually reads a few dozen bytes, whatever the size
-of the tensors behind it); it never raises. ``decode_predict`` parses a whole
-PredictRequest and turns every input into a numpy array through
+of the tensors behind it); it never raises.
+
+``scan_predict`` is the fast path for the requests clients actually send
+(what ``tf.make_tensor_proto`` builds from an array: each input once, its
+dtype, its shape and its ``tensor_content``, every field written once). It
+walks the wire format and returns the inputs as read-only numpy views of the
+request bytes: no message objects, no copy of the tensor bytes. It accepts only
+what it can read unambiguously and what :mod:`gateway.codec` would accept
+unchanged; for anything else (typed ``*_val`` fields, strings, a field written
+twice, which protobuf merges, an unknown field, a malformed or over-limit
+tensor) it returns None and the caller takes the full path, which decides and
+words every refusal. Measured in-process with the CPU caches flushed between
+calls (as they are between calls in the serving process), a [32, 28, 28, 1]
+float32 request: about 28 µs against 48 µs for the full path; [1, 16]: 15
+against 34 µs.
+
+The full path: ``parse_predict`` parses a whole PredictRequest and
+``decode_inputs`` turns every input into a numpy array through
 :mod:`gateway.codec`, rejecting malformed tensors with InvalidInput.
 """
 
@@ -13,7 +29,7 @@ from __future__ import annotations
 import numpy as np
 from google.protobuf.message import DecodeError
 
-from gateway.codec import tensor_to_numpy
+from gateway.codec import _BY_DATATYPE, MAX_RANK, _Malformed, tensor_to_numpy
 from gateway.errors import InvalidInput
 from protos import predict_pb2
 
@@ -78,6 +94,177 @@ def peek_model_name(raw: bytes, method: str) -> str:
         return "" if name is None else bytes(name).decode("utf-8", "replace")
     except (ValueError, IndexError):
         return ""
+
+
+# Keys (field number << 3 | wire type) scan_predict reads; every field number is below 16, so one byte.
+_SPEC_KEY, _INPUT_KEY, _FILTER_KEY = 0x0A, 0x12, 0x1A  # PredictRequest: model_spec, inputs, output_filter
+_MAP_KEY, _MAP_VALUE = 0x0A, 0x12  # a map entry: key, value
+_NAME_KEY, _VERSION_KEY, _SIGNATURE_KEY, _LABEL_KEY = 0x0A, 0x12, 0x1A, 0x22  # ModelSpec
+_INT64_VALUE_KEY = 0x08  # google.protobuf.Int64Value.value
+_DTYPE_KEY, _SHAPE_KEY, _TENSOR_VERSION_KEY, _CONTENT_KEY = 0x08, 0x12, 0x18, 0x22  # TensorProto
+_DIM_KEY, _UNKNOWN_RANK_KEY = 0x12, 0x18  # TensorShapeProto
+_SIZE_KEY, _DIM_NAME_KEY = 0x08, 0x12  # TensorShapeProto.Dim
+_INT64_SIGN = 1 << 63
+
+
+class _Unread(Exception):
+    """The scan cannot vouch for this request: take the full path."""
+
+
+def _span(buf: bytes, pos: int, end: int) -> tuple[int, int]:
+    """Start and end of the length-delimited payload whose length varint starts at ``pos``."""
+    length, pos = _varint(buf, pos)
+    stop = pos + length
+    if stop > end:
+        raise _Unread
+    return pos, stop
+
+
+def scan_predict(raw: bytes, max_elements: int) -> tuple[str, dict[str, np.ndarray]] | None:
+    """``(signature_name, inputs)`` of a plainly written PredictRequest, or None: use the full path.
+
+    The arrays are read-only views of ``raw``, each exactly what
+    :func:`decode_inputs` gives for the same bytes (same dtype, shape and values).
+    """
+    try:
+        return _scan_request(raw, max_elements)
+    except (_Unread, ValueError, IndexError):
+        return None
+
+
+def _scan_request(raw: bytes, max_elements: int) -> tuple[str, dict[str, np.ndarray]] | None:
+    pos, end = 0, len(raw)
+    signature: str | None = None
+    inputs: dict[str, np.ndarray] = {}
+    while pos < end:
+        key = raw[pos]
+        if key & 7 != _LEN:
+            return None
+        start, pos = _span(raw, pos + 1, end)
+        if key == _INPUT_KEY:
+            name, array = _scan_input(raw, start, pos, max_elements)
+            if name in inputs:
+                return None
+            inputs[name] = array
+        elif key == _SPEC_KEY and signature is None:
+            signature = _scan_model_spec(raw, start, pos)
+        elif key == _FILTER_KEY:
+            raw[start:pos].decode()  # a string field: protobuf refuses invalid UTF-8
+        else:
+            return None
+    return signature or "", inputs
+
+
+def _scan_model_spec(raw: bytes, pos: int, end: int) -> str:
+    signature = ""
+    seen: set[int] = set()
+    while pos < end:
+        key = raw[pos]
+        if key in seen or key not in (_NAME_KEY, _VERSION_KEY, _SIGNATURE_KEY, _LABEL_KEY):
+            raise _Unread
+        seen.add(key)
+        start, pos = _span(raw, pos + 1, end)
+        if key == _VERSION_KEY:
+            # Int64Value: nothing, or its one field written once.
+            if start < pos and (raw[start] != _INT64_VALUE_KEY or _varint(raw, start + 1)[1] != pos):
+                raise _Unread
+        else:
+            text = raw[start:pos].decode()
+            if key == _SIGNATURE_KEY:
+                signature = text
+    return signature
+
+
+def _scan_input(raw: bytes, pos: int, end: int, max_elements: int) -> tuple[str, np.ndarray]:
+    name: str | None = None
+    tensor: tuple[int, int] | None = None
+    while pos < end:
+        key = raw[pos]
+        start, stop = _span(raw, pos + 1, end) if key & 7 == _LEN else (0, 0)
+        if key == _MAP_KEY and name is None:
+            name = raw[start:stop].decode()
+        elif key == _MAP_VALUE and tensor is None:
+            tensor = (start, stop)
+        else:
+            raise _Unread
+        pos = stop
+    if tensor is None:
+        raise _Unread
+    return name or "", _scan_tensor(raw, tensor[0], tensor[1], max_elements)
+
+
+def _scan_tensor(raw: bytes, pos: int, end: int, max_elements: int) -> np.ndarray:
+    dtype = 0
+    dims: list[int] = []
+    content: tuple[int, int] | None = None
+    seen: set[int] = set()
+    while pos < end:
+        key = raw[pos]
+        if key in seen:
+            raise _Unread
+        seen.add(key)
+        if key == _DTYPE_KEY:
+            dtype, pos = _varint(raw, pos + 1)
+        elif key == _CONTENT_KEY:
+            content = _span(raw, pos + 1, end)
+            pos = content[1]
+        elif key == _SHAPE_KEY:
+            start, pos = _span(raw, pos + 1, end)
+            dims = _scan_shape(raw, start, pos)
+        elif key == _TENSOR_VERSION_KEY:
+            _, pos = _varint(raw, pos + 1)
+        else:
+            raise _Unread  # a typed *_val field, or one this scan does not know
+    if pos != end:
+        raise _Unread  # a varint ran past the tensor
+    spec = _BY_DATATYPE.get(dtype)
+    if spec is None or spec.content_dtype is None or content is None:
+        raise _Unread
+    elements = 1
+    for size in dims:
+        elements *= size
+    start, stop = content
+    if not 0 < elements <= max_elements or stop - start != elements * spec.content_dtype.itemsize:
+        raise _Unread
+    flat = np.frombuffer(raw, spec.content_dtype, elements, start)
+    if spec.from_content is not None:
+        try:
+            flat = spec.from_content(flat)
+        except _Malformed:
+            raise _Unread from None
+    return flat.reshape(dims)
+
+
+def _scan_shape(raw: bytes, pos: int, end: int) -> list[int]:
+    dims = []
+    while pos < end:
+        key = raw[pos]
+        if key == _UNKNOWN_RANK_KEY:
+            unknown_rank, pos = _varint(raw, pos + 1)
+            if unknown_rank:
+                raise _Unread
+            continue
+        if key != _DIM_KEY:
+            raise _Unread
+        start, pos = _span(raw, pos + 1, end)
+        size = None
+        named = False
+        while start < pos:
+            dim_key = raw[start]
+            if dim_key == _SIZE_KEY and size is None:
+                size, start = _varint(raw, start + 1)
+            elif dim_key == _DIM_NAME_KEY and not named:
+                named = True
+                name_start, start = _span(raw, start + 1, pos)
+                raw[name_start:start].decode()
+            else:
+                raise _Unread
+        if start != pos or (size is not None and size >= _INT64_SIGN):
+            raise _Unread  # overran the dim, or a negative size
+        dims.append(size or 0)
+    if pos != end or len(dims) > MAX_RANK:
+        raise _Unread
+    return dims
 
 
 def parse_predict(raw: bytes) -> predict_pb2.PredictRequest:

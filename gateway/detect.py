@@ -364,7 +364,7 @@ class DetectStage(Stage):
     # -- the request path ----------------------------------------------------------
 
     async def on_request(self, call: Call) -> None:
-        if call.method != "Predict" or call.request is None:
+        if call.method != "Predict" or not call.decoded:
             return
         protected = self.models.get(call.model)
         if protected is None:

@@ -334,9 +334,7 @@ class Enforcer:
 
 
 def _signature(call: Call) -> str:
-    request = call.request
-    signature = request.model_spec.signature_name if request is not None else ""
-    return signature or DEFAULT_SIGNATURE
+    return call.signature or DEFAULT_SIGNATURE
 
 
 def _refuse(decision: Decision) -> Refusal:

@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from gateway.decode import decode_inputs, parse_predict
+from gateway.decode import decode_inputs, parse_predict, scan_predict
 from gateway.errors import TfshieldError
 from protos import predict_pb2
 
@@ -40,7 +40,9 @@ class Call:
     client_id: str = ""
     # The client's remaining deadline when the call arrived, seconds (None: no deadline).
     timeout_s: float | None = None
-    request: predict_pb2.PredictRequest | None = None
+    # Set by the decode stage for a Predict: its inputs, read-only, and model_spec.signature_name.
+    decoded: bool = False
+    signature: str = ""
     inputs: dict[str, np.ndarray] = field(default_factory=dict)
     # What goes upstream instead of ``raw``, when a stage had to change the request
     # (model-in-the-loop detectors); None keeps the allow path byte-exact.
@@ -49,6 +51,19 @@ class Call:
     detect_state: Any = None
     monitor_state: Any = None
     policy_state: Any = None
+    _request: predict_pb2.PredictRequest | None = field(default=None, repr=False)
+
+    @property
+    def request(self) -> predict_pb2.PredictRequest | None:
+        """The decoded Predict's message, parsed on first use (the decode stage's fast path
+        makes none); None for other calls. InvalidInput if the bytes do not parse."""
+        if self._request is None and self.decoded:
+            self._request = parse_predict(self.raw)
+        return self._request
+
+    @request.setter
+    def request(self, message: predict_pb2.PredictRequest | None) -> None:
+        self._request = message
 
 
 class Stage:
@@ -67,10 +82,13 @@ class Stage:
 
 
 class DecodeStage(Stage):
-    """Parses Predict requests and decodes every input tensor, refusing malformed ones.
+    """Decodes every input tensor of a Predict request, refusing malformed ones.
 
-    Later stages (detectors) read ``call.inputs``. Other methods pass untouched:
-    the upstream parses their inputs (tf.Example lists) itself.
+    Plainly written requests take :func:`~gateway.decode.scan_predict`'s fast
+    path (no parse, no copy); the rest are parsed in full, which words every
+    refusal. Later stages (detectors, monitors, the policy) read ``call.inputs``
+    and ``call.signature``. Other methods pass untouched: the upstream parses
+    their inputs (tf.Example lists) itself.
     """
 
     name = "decode"
@@ -80,5 +98,11 @@ class DecodeStage(Stage):
 
     async def on_request(self, call: Call) -> None:
         if call.method == "Predict":
-            call.request = parse_predict(call.raw)
-            call.inputs = decode_inputs(call.request, self._max_elements)
+            scanned = scan_predict(call.raw, self._max_elements)
+            if scanned is None:
+                request = call.request = parse_predict(call.raw)
+                call.signature = request.model_spec.signature_name
+                call.inputs = decode_inputs(request, self._max_elements)
+            else:
+                call.signature, call.inputs = scanned
+            call.decoded = True
