@@ -107,7 +107,9 @@ class Gateway:
         self.metrics = GatewayMetrics(self.registry, config.metrics.max_model_labels)
         # Read at scrape time: no gauge update (and its lock) on every call.
         self.metrics.in_flight.set_function(lambda: self.in_flight)
-        self.identifier = ClientIdentifier(config.identity)
+        self.identifier = ClientIdentifier(
+            config.identity, client_certificates=config.tls is not None and bool(config.tls.client_ca_file)
+        )
         self.policy = PolicyHolder.load(config.policy.file, self.registry)
         self.audit = (
             AuditLog(config.audit, self.registry, self.identifier.salt) if config.audit.file else None

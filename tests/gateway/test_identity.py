@@ -34,6 +34,19 @@ def test_spiffe_uri_wins_over_common_name() -> None:
     assert ident.identify(FakeContext(auth=auth)) == "mtls:spiffe://td/ns/a"
 
 
+def test_without_verified_client_certificates_the_auth_context_is_never_read() -> None:
+    class NoAuth(FakeContext):
+        def auth_context(self):
+            raise AssertionError("auth_context read on a listener that verifies no client certificate")
+
+    ident = ClientIdentifier(IdentityConfig(), SALT, client_certificates=False)
+    assert ident.identify(NoAuth()) == "peer:10.1.2.3"
+    assert ident.identify(NoAuth(metadata=(("x-api-key", "k"),))).startswith("key:")
+    # Where the listener does verify them, the certificate still comes first.
+    auth = {"x509_common_name": [b"cn"]}
+    assert ClientIdentifier(IdentityConfig(), SALT).identify(FakeContext(auth=auth)) == "mtls:cn"
+
+
 def test_api_key_is_kept_only_as_a_keyed_hash() -> None:
     ident = ClientIdentifier(IdentityConfig(), SALT)
     client = ident.identify(FakeContext(metadata=(("x-api-key", "secret-key-1"),)))

@@ -423,7 +423,9 @@ def test_mtls_accepts_a_client_certificate_and_refuses_none(model_server: Proc, 
             "cert_file": str(server.cert),
             "key_file": str(server.key),
             "client_ca_file": str(ca.files.cert),
-        }
+        },
+        # Served only if the gateway reads the client's identity from its certificate.
+        "identity": {"order": ["mtls"], "anonymous": "refuse"},
     }
     proc = start_gateway(tmp_path, model_server.address(), config=config)
     root = ca.files.cert.read_bytes()
