@@ -41,6 +41,22 @@ def test_counts_and_sum_match_prometheus_histogram(batch: int) -> None:
         assert mine[key] == pytest.approx(value, rel=1e-12), key
 
 
+def test_one_value_at_a_time_matches_prometheus_histogram() -> None:
+    rng = np.random.default_rng(0)
+    ours_registry, theirs_registry = CollectorRegistry(), CollectorRegistry()
+    ours = BatchHistogram("latency", "doc", ["method"], BUCKETS, ours_registry)
+    theirs = Histogram("latency", "doc", ["method"], buckets=BUCKETS, registry=theirs_registry)
+    values = np.concatenate([rng.exponential(1.5, 200), BUCKETS, [-1.0, 0.0, 1e9]]).tolist()
+    for index, value in enumerate(values):
+        method = "Predict" if index % 3 else "Classify"
+        ours.labels(method).observe(value)
+        theirs.labels(method).observe(value)
+    mine, reference = _samples(ours_registry), _samples(theirs_registry)
+    assert mine.keys() == reference.keys()
+    for key, value in reference.items():
+        assert mine[key] == pytest.approx(value, rel=1e-12), key
+
+
 def test_exposition_is_a_histogram_with_inclusive_bounds() -> None:
     registry = CollectorRegistry()
     histogram = BatchHistogram("tfshield_x", "doc", ["model"], BUCKETS, registry)
@@ -58,11 +74,12 @@ def test_nan_counts_in_inf_bucket_and_stays_out_of_the_sum() -> None:
     histogram = BatchHistogram("h", "doc", [], BUCKETS, registry)
     histogram.labels().observe_many([0.2, math.nan, 3.0])
     histogram.labels().observe_many(np.array([math.nan] * 10 + [0.2]))
+    histogram.labels().observe(math.nan)
     samples = _samples(registry)
     assert samples[("h_bucket", (("le", "0.25"),))] == 2
     assert samples[("h_bucket", (("le", "10.0"),))] == 3
-    assert samples[("h_bucket", (("le", "+Inf"),))] == 14
-    assert samples[("h_count", ())] == 14
+    assert samples[("h_bucket", (("le", "+Inf"),))] == 15
+    assert samples[("h_count", ())] == 15
     assert samples[("h_sum", ())] == pytest.approx(3.4)
 
 
