@@ -83,6 +83,15 @@ def peek_model_name(raw: bytes, method: str) -> str:
     For MultiInference the first task's model is used. Malformed bytes give ""
     (the upstream, which parses the request in full, reports the error).
     """
+    # The usual layout, read in place: model_spec first, its name first, both shorter than 128 bytes.
+    if method != "MultiInference" and len(raw) > 4 and raw[0] == raw[2] == 0x0A:
+        spec_length, name_length = raw[1], raw[3]
+        if spec_length < 0x80 and name_length + 2 <= spec_length and spec_length + 2 <= len(raw):
+            return raw[4 : 4 + name_length].decode("utf-8", "replace")
+    return _walk_to_model_name(raw, method)
+
+
+def _walk_to_model_name(raw: bytes, method: str) -> str:
     try:
         buf = memoryview(raw)
         outer = _find_field(buf, _TASKS if method == "MultiInference" else _MODEL_SPEC)

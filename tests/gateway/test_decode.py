@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from gateway.decode import peek_model_name
+from gateway.decode import _walk_to_model_name, peek_model_name
 from protos import meta_graph_pb2, model_pb2, predict_pb2, requests_pb2
 
 
@@ -47,3 +49,25 @@ def test_version_and_signature_do_not_confuse_the_peek() -> None:
 @pytest.mark.parametrize("raw", [b"", b"\x0a\xff\xff\xff\xff\x0f", b"\x0a\x05ab", b"\x0b\x0c", b"\xff" * 20])
 def test_malformed_bytes_give_an_empty_name_and_never_raise(raw) -> None:
     assert peek_model_name(raw, "Predict") == ""
+
+
+METHODS = ("Predict", "Classify", "GetModelMetadata", "MultiInference")
+
+
+@given(
+    method=st.sampled_from(METHODS),
+    name=st.text(max_size=140),
+    signature=st.text(max_size=20),
+    tail=st.binary(max_size=20),
+    cut=st.integers(0, 300) | st.none(),
+)
+def test_the_in_place_read_agrees_with_the_walk(method, name, signature, tail, cut) -> None:
+    spec = model_pb2.ModelSpec(name=name, signature_name=signature)
+    raw = predict_pb2.PredictRequest(model_spec=spec).SerializeToString() + tail
+    raw = raw if cut is None else raw[:cut]
+    assert peek_model_name(raw, method) == _walk_to_model_name(raw, method)
+
+
+@given(raw=st.binary(max_size=64), method=st.sampled_from(METHODS))
+def test_any_bytes_peek_as_the_walk_does(raw, method) -> None:
+    assert peek_model_name(raw, method) == _walk_to_model_name(raw, method)
