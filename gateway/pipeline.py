@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from gateway.decode import decode_inputs, parse_predict, scan_predict
+from gateway.decode import Span, decode_inputs, parse_predict, read_inputs, scan_predict
 from gateway.errors import TfshieldError
 from protos import predict_pb2
 
@@ -40,10 +40,10 @@ class Call:
     client_id: str = ""
     # The client's remaining deadline when the call arrived, seconds (None: no deadline).
     timeout_s: float | None = None
-    # Set by the decode stage for a Predict: its inputs, read-only, and model_spec.signature_name.
+    # Set by the decode stage for a Predict: model_spec.signature_name, and its inputs
+    # (``inputs``; read-only arrays, made on first use from the scan's spans).
     decoded: bool = False
     signature: str = ""
-    inputs: dict[str, np.ndarray] = field(default_factory=dict)
     # What goes upstream instead of ``raw``, when a stage had to change the request
     # (model-in-the-loop detectors); None keeps the allow path byte-exact.
     forward_raw: bytes | None = None
@@ -52,6 +52,19 @@ class Call:
     monitor_state: Any = None
     policy_state: Any = None
     _request: predict_pb2.PredictRequest | None = field(default=None, repr=False)
+    _inputs: dict[str, np.ndarray] | None = field(default=None, repr=False)
+    _spans: dict[str, np.ndarray | Span] | None = field(default=None, repr=False)
+
+    @property
+    def inputs(self) -> dict[str, np.ndarray]:
+        """The decoded Predict's inputs by name ({} for other calls)."""
+        if self._inputs is None:
+            self._inputs = {} if self._spans is None else read_inputs(self.raw, self._spans)
+        return self._inputs
+
+    @inputs.setter
+    def inputs(self, arrays: dict[str, np.ndarray]) -> None:
+        self._inputs = arrays
 
     @property
     def request(self) -> predict_pb2.PredictRequest | None:
@@ -104,5 +117,5 @@ class DecodeStage(Stage):
                 call.signature = request.model_spec.signature_name
                 call.inputs = decode_inputs(request, self._max_elements)
             else:
-                call.signature, call.inputs = scanned
+                call.signature, call._spans = scanned
             call.decoded = True

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tensorflow_serving.apis import predict_pb2 as tfs_predict_pb2
 
-from gateway.decode import decode_inputs, parse_predict, scan_predict
+from gateway.decode import decode_inputs, parse_predict, read_inputs, scan_predict
 from gateway.errors import InvalidInput
 from gateway.pipeline import Call, DecodeStage
 from protos import predict_pb2
@@ -51,14 +51,15 @@ def agreement(raw: bytes, max_elements: int = MAX_ELEMENTS) -> tuple[str, dict[s
         return None
     if scanned is None:
         return None
-    signature, inputs = scanned
+    signature, spans = scanned
+    inputs = read_inputs(raw, spans)
     assert signature == want[0]
     assert sorted(inputs) == sorted(want[1])
     for name, array in inputs.items():
         assert_same_tensor(array, want[1][name])
         # Views of the bytes are read-only in both; bfloat16 and float8 are converted into new arrays.
         assert array.flags.writeable == want[1][name].flags.writeable
-    return scanned
+    return signature, inputs
 
 
 @st.composite
@@ -187,7 +188,8 @@ def test_the_element_limit_sends_a_request_to_the_full_path_which_refuses_it() -
 
 def test_inputs_are_read_only_views_of_the_request_bytes() -> None:
     raw = _request(FLOAT_2)
-    _, inputs = scan_predict(raw, MAX_ELEMENTS)
+    _, spans = scan_predict(raw, MAX_ELEMENTS)
+    inputs = read_inputs(raw, spans)
     assert np.shares_memory(inputs["a"], np.frombuffer(raw, np.uint8))
     assert not inputs["a"].flags.writeable
 
@@ -202,7 +204,9 @@ async def test_the_decode_stage_parses_the_message_only_when_a_stage_asks_for_it
     call = Call("Predict", raw, "m")
     await DecodeStage(MAX_ELEMENTS).on_request(call)
     assert call.decoded and call.signature == "sig"
+    assert call._inputs is None  # no arrays made while no stage reads them
     assert call.inputs["x"].tolist() == [[0, 1, 2], [3, 4, 5]]
+    assert np.shares_memory(call.inputs["x"], np.frombuffer(raw, np.uint8))
     assert call._request is None  # the fast path made no message
     assert call.request == request  # ... until one is asked for
 
@@ -216,4 +220,4 @@ async def test_the_decode_stage_parses_the_message_only_when_a_stage_asks_for_it
 
     other = Call("Classify", b"", "m")
     await DecodeStage(MAX_ELEMENTS).on_request(other)
-    assert not other.decoded and other.request is None
+    assert not other.decoded and other.request is None and other.inputs == {}
