@@ -235,13 +235,21 @@ class Enforcer:
 
     async def settle(self, call: Call, state: PolicyCallState, decision: Decision) -> None:
         """Make ``decision`` the call's: count it and record it (closed audit failure: refuse)."""
+        if self.count(call, state, decision):
+            await self.record(call, state, decision)
+
+    def count(self, call: Call, state: PolicyCallState, decision: Decision) -> bool:
+        """The part of settling that needs no waiting; True if the decision must also be recorded."""
         state.decision = decision
         model = self.model_label(call.model)
         self.metrics.decisions_child(decision.action, model).inc()
         for shadow in decision.shadowed:
             self.metrics.shadow_decisions.labels(shadow.action, model).inc()
-        if self.audit is None or not decision.recorded:
-            return
+        return self.audit is not None and decision.recorded
+
+    async def record(self, call: Call, state: PolicyCallState, decision: Decision) -> None:
+        """Write ``decision`` to the audit log; refuse the call if it cannot be and the mode is closed."""
+        assert self.audit is not None
         try:
             await self.audit.record(
                 decision,
@@ -389,7 +397,8 @@ class RespondStage(Stage):
             except Throttled:
                 await enforcer.settle(call, state, decision)
                 raise
-        await enforcer.settle(call, state, decision)
+        if enforcer.count(call, state, decision):  # a plain allow needs no coroutine for its count
+            await enforcer.record(call, state, decision)
         if decision.action == "block":
             raise _refuse(decision)
         if decision.action in ("perturb", "deceive"):

@@ -120,6 +120,8 @@ PERTURB_PARAMS: dict[str, tuple[str, ...]] = {
     "noise": ("sigma",),
 }
 _GROUP_CACHE_SIZE = 65536
+# Decisions of calls with no detection and no monitor result, by (model, signature, group, risk).
+_QUIET_CACHE_SIZE = 4096
 
 
 class PolicyError(ConfigError):
@@ -539,6 +541,7 @@ class Policy:
         self._prefixes = tuple(prefixes)
         self._globs = tuple(globs)
         self._group_cache: dict[str, str] = {}
+        self._quiet_cache: dict[tuple[str, str, str, float], Decision] = {}
 
         self._rules = tuple(
             _Rule(
@@ -678,9 +681,33 @@ class Policy:
         risk: float,
         monitors: Sequence[MonitorResultLike] = (),
     ) -> Decision:
-        """Decide one call. Pure: the same arguments give the same Decision."""
+        """Decide one call. Pure: the same arguments give the same Decision.
+
+        Being pure, a call nothing was found in (most calls) is decided once per
+        (model, signature, client group, risk) and remembered, in a bounded cache.
+        """
         group = self.group_of(client_id)
         signature = signature or DEFAULT_SIGNATURE
+        if detections or monitors:
+            return self._decide(model, signature, group, detections, risk, monitors)
+        key = (model, signature, group, risk)
+        decision = self._quiet_cache.get(key)
+        if decision is None:
+            decision = self._decide(model, signature, group, (), risk, ())
+            if len(self._quiet_cache) >= _QUIET_CACHE_SIZE:
+                self._quiet_cache.clear()  # bounded: model names and risks come from clients
+            self._quiet_cache[key] = decision
+        return decision
+
+    def _decide(
+        self,
+        model: str,
+        signature: str,
+        group: str,
+        detections: Sequence[DetectionLike],
+        risk: float,
+        monitors: Sequence[MonitorResultLike],
+    ) -> Decision:
         flagged: frozenset[str] | None = None
         shadowed: list[Decision] | None = None
         for rule in self._rules:

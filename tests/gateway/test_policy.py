@@ -340,6 +340,36 @@ def test_a_risk_window_bounds_a_rule() -> None:
     assert rules.decide("m", "", client, [], 0.9).rule == "ladder.3"
 
 
+def test_remembered_quiet_decisions_are_the_ones_deciding_afresh_gives() -> None:
+    rules = policy(RULES + "ladder:\n  shadow: true\n")
+    fresh = policy(RULES + "ladder:\n  shadow: true\n")
+    clients = ["mtls:partner-a", "mtls:internal-x", "peer:1", "mtls:spiffe://prod/a/batch"]
+    grid = [
+        (model, signature, client, risk)
+        for model in ("mnist", "fraud", "other")
+        for signature in ("", "serving_default", "other_sig")
+        for client in clients
+        for risk in (0.0, 0.49, 0.5, 0.85, 0.9, 0.97)
+    ]
+    for _ in range(2):  # the second pass answers from the cache
+        for model, signature, client, risk in grid:
+            remembered = rules.decide(model, signature, client, [], risk)
+            group = fresh.group_of(client)
+            assert remembered == fresh._decide(model, signature or "serving_default", group, (), risk, ())
+    # Detections and monitor results are never answered from the cache.
+    assert rules.decide("mnist", "", "peer:1", [flagged("feature_squeezing")], 0.0).action == "block"
+
+
+def test_the_quiet_decision_cache_is_bounded(monkeypatch) -> None:
+    from gateway import policy as policy_module
+
+    monkeypatch.setattr(policy_module, "_QUIET_CACHE_SIZE", 8)
+    rules = policy(RULES)
+    for index in range(100):
+        rules.decide(f"model-{index}", "", "peer:1", [], 0.0)  # model names come from clients
+    assert len(rules._quiet_cache) <= 8
+
+
 def test_a_star_matches_any_flagged_detector_or_monitor() -> None:
     rules = policy(RULES)
     assert rules.decide("fraud", "", "peer:1", [flagged("mahalanobis")], 0.0).action == "deceive"
