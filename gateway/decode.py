@@ -151,6 +151,61 @@ def scan_predict(raw: bytes, max_elements: int) -> tuple[str, dict[str, np.ndarr
         return None
 
 
+class LayoutCache:
+    """Scans remembered by the request bytes around the tensor contents.
+
+    A client sends the same layout again and again: the same model, input
+    names, dtypes and shapes, only other values in ``tensor_content``. The
+    bytes outside the contents hold every tag, length, name, dtype and shape
+    the scan reads; the contents themselves are never looked at for the
+    dtypes a span covers. So a request of the same length whose bytes outside
+    the contents equal a scanned request's is that request's layout exactly,
+    and its scan is the same: checked here with ``bytes.startswith`` at each
+    remembered offset (C comparisons, no copy) instead of the Python walk.
+    Only scans whose every input is a span are remembered (converted dtypes
+    need their bytes), and only layouts of at most ``max_layout_bytes`` outside
+    the contents. Bounded: at most ``size`` layouts, forgotten all at once when
+    full, as layouts come from clients.
+    """
+
+    def __init__(self, max_elements: int, size: int = 256, max_layout_bytes: int = 4096) -> None:
+        self._max_elements = max_elements
+        self._size = size
+        self._max_layout_bytes = max_layout_bytes
+        self._count = 0
+        # len(raw) -> [(segments outside the contents as (offset, bytes), the scan)]
+        self._layouts: dict[int, list[tuple[tuple[tuple[int, bytes], ...], tuple[str, dict]]]] = {}
+
+    def scan(self, raw: bytes) -> tuple[str, dict[str, np.ndarray | Span]] | None:
+        """:func:`scan_predict` for ``raw``, from a remembered layout when one matches."""
+        for segments, scanned in self._layouts.get(len(raw), ()):
+            for offset, expected in segments:
+                if not raw.startswith(expected, offset):
+                    break
+            else:
+                return scanned
+        scanned = scan_predict(raw, self._max_elements)
+        if scanned is not None and all(type(value) is tuple for value in scanned[1].values()):
+            self._remember(raw, scanned)
+        return scanned
+
+    def _remember(self, raw: bytes, scanned: tuple[str, dict[str, np.ndarray | Span]]) -> None:
+        contents = sorted((span[2], span[2] + span[1] * span[0].itemsize) for span in scanned[1].values())
+        outside = len(raw) - sum(end - begin for begin, end in contents)
+        if outside > self._max_layout_bytes:
+            return
+        if self._count >= self._size:
+            self._layouts.clear()
+            self._count = 0
+        segments, start = [], 0
+        for begin, end in contents:
+            segments.append((start, raw[start:begin]))
+            start = end
+        segments.append((start, raw[start:]))
+        self._layouts.setdefault(len(raw), []).append((tuple(segments), scanned))
+        self._count += 1
+
+
 def read_inputs(raw: bytes, inputs: dict[str, np.ndarray | Span]) -> dict[str, np.ndarray]:
     """:func:`scan_predict`'s inputs as arrays: spans become read-only views of ``raw``."""
     return {

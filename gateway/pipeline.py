@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from gateway.decode import Span, decode_inputs, parse_predict, read_inputs, scan_predict
+from gateway.decode import LayoutCache, Span, decode_inputs, parse_predict, read_inputs
 from gateway.errors import TfshieldError
 from protos import predict_pb2
 
@@ -98,8 +98,9 @@ class DecodeStage(Stage):
     """Decodes every input tensor of a Predict request, refusing malformed ones.
 
     Plainly written requests take :func:`~gateway.decode.scan_predict`'s fast
-    path (no parse, no copy); the rest are parsed in full, which words every
-    refusal. Later stages (detectors, monitors, the policy) read ``call.inputs``
+    path (no parse, no copy), and a layout seen before skips even that
+    (:class:`~gateway.decode.LayoutCache`); the rest are parsed in full, which
+    words every refusal. Later stages (detectors, monitors, the policy) read ``call.inputs``
     and ``call.signature``. Other methods pass untouched: the upstream parses
     their inputs (tf.Example lists) itself.
     """
@@ -108,10 +109,11 @@ class DecodeStage(Stage):
 
     def __init__(self, max_tensor_elements: int) -> None:
         self._max_elements = max_tensor_elements
+        self._layouts = LayoutCache(max_tensor_elements)
 
     async def on_request(self, call: Call) -> None:
         if call.method == "Predict":
-            scanned = scan_predict(call.raw, self._max_elements)
+            scanned = self._layouts.scan(call.raw)
             if scanned is None:
                 request = call.request = parse_predict(call.raw)
                 call.signature = request.model_spec.signature_name

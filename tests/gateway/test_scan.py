@@ -17,7 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tensorflow_serving.apis import predict_pb2 as tfs_predict_pb2
 
-from gateway.decode import decode_inputs, parse_predict, read_inputs, scan_predict
+from gateway import decode
+from gateway.decode import LayoutCache, decode_inputs, parse_predict, read_inputs, scan_predict
 from gateway.errors import InvalidInput
 from gateway.pipeline import Call, DecodeStage
 from protos import predict_pb2
@@ -221,3 +222,62 @@ async def test_the_decode_stage_parses_the_message_only_when_a_stage_asks_for_it
     other = Call("Classify", b"", "m")
     await DecodeStage(MAX_ELEMENTS).on_request(other)
     assert not other.decoded and other.request is None and other.inputs == {}
+
+
+def _same_scan(got, want) -> None:
+    assert (got is None) == (want is None)
+    if got is not None:
+        assert got[0] == want[0] and got[1].keys() == want[1].keys()
+        for name, value in want[1].items():
+            assert type(got[1][name]) is type(value)
+            if isinstance(value, tuple):
+                assert got[1][name] == value
+            else:
+                assert_same_tensor(got[1][name], value)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), damage=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), max_size=3))
+def test_a_remembered_layout_gives_exactly_the_scan_of_the_new_bytes(data, damage) -> None:
+    cache = LayoutCache(MAX_ELEMENTS)
+    dtypes = [np.dtype("float32"), np.dtype("int64"), np.dtype("uint8"), np.dtype("bool")]
+    first, _ = data.draw(requests(made_by_the_client(dtypes)))
+    _same_scan(cache.scan(first), scan_predict(first, MAX_ELEMENTS))
+    # The same layout with other values, then damage anywhere: inside the contents (a hit that must
+    # read the new values) or outside them (a different layout: scanned afresh, or declined).
+    again = bytearray(first)
+    for position, value in damage:
+        again[position % len(again)] = value
+    again = bytes(again)
+    _same_scan(cache.scan(again), scan_predict(again, MAX_ELEMENTS))
+    if scan_predict(again, MAX_ELEMENTS) is not None:
+        assert_same_tensor_dicts(read_inputs(again, cache.scan(again)[1]), full_path(again)[1])
+
+
+def assert_same_tensor_dicts(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    for name in want:
+        assert_same_tensor(got[name], want[name])
+
+
+def test_a_layout_seen_before_is_not_walked_again(monkeypatch) -> None:
+    cache = LayoutCache(MAX_ELEMENTS)
+    first = _request(FLOAT_2, spec=b"\x0a\x01m\x1a\x03sig")
+    assert cache.scan(first) is not None
+    monkeypatch.setattr(decode, "scan_predict", lambda raw, limit: pytest.fail("walked again"))
+    other_values = first.replace(np.array([1.5, -2], "<f4").tobytes(), np.array([7, 8], "<f4").tobytes())
+    signature, spans = cache.scan(other_values)
+    assert signature == "sig" and read_inputs(other_values, spans)["a"].tolist() == [7.0, 8.0]
+
+
+def test_the_layout_cache_is_bounded_in_count_and_bytes(monkeypatch) -> None:
+    cache = LayoutCache(MAX_ELEMENTS, size=4, max_layout_bytes=40)
+    for index in range(20):
+        cache.scan(_request(FLOAT_2, spec=b"\x0a\x02m" + bytes([0x41 + index])))
+    assert cache._count <= 4 and sum(map(len, cache._layouts.values())) <= 4
+    long_name = _request(FLOAT_2, spec=b"\x0a\x32" + b"n" * 50)
+    assert cache.scan(long_name) is not None  # still scanned ...
+    assert all(
+        len(raw_len_layouts) == 0 or length != len(long_name)
+        for length, raw_len_layouts in cache._layouts.items()
+    )  # ... but not remembered
