@@ -166,9 +166,6 @@ class PolicyCallState:
     throttled: bool = False  # a token was already taken for this call
     decision: Decision | None = None  # the final decision, once made
     keys: dict[int, np.ndarray] = field(default_factory=dict)
-    # (risk, decision) of a decide() that saw no detection and no monitor result: deciding is
-    # pure, so a second decide() that sees none either at the same risk gives the same answer.
-    quiet: tuple[float, Decision] | None = None
 
 
 def _no_detections(call: Call) -> Sequence[DetectionLike]:
@@ -222,16 +219,15 @@ class Enforcer:
     # -- deciding --------------------------------------------------------------------------------
 
     def decide(self, call: Call, state: PolicyCallState) -> Decision:
-        detections, risk, monitors = self.detections_of(call), self.risk_of(call), self.monitors_of(call)
-        quiet = not detections and not monitors
-        if quiet and state.quiet is not None and state.quiet[0] == risk:
-            return state.quiet[1]  # the respond stage of a call nothing was found in: decided already
-        decision = state.policy.decide(
-            call.model, state.signature, call.client_id, detections, risk, monitors
+        # A call nothing was found in is answered from the policy's own memo (Policy.decide).
+        return state.policy.decide(
+            call.model,
+            state.signature,
+            call.client_id,
+            self.detections_of(call),
+            self.risk_of(call),
+            self.monitors_of(call),
         )
-        if quiet:
-            state.quiet = (risk, decision)
-        return decision
 
     async def settle(self, call: Call, state: PolicyCallState, decision: Decision) -> None:
         """Make ``decision`` the call's: count it and record it (closed audit failure: refuse)."""
