@@ -30,7 +30,7 @@ from __future__ import annotations
 import numpy as np
 from google.protobuf.message import DecodeError
 
-from gateway.codec import _BY_DATATYPE, MAX_RANK, _Malformed, tensor_to_numpy
+from gateway.codec import MAX_RANK, _Malformed, spec_for_datatype, tensor_to_numpy
 from gateway.errors import InvalidInput
 from protos import predict_pb2
 
@@ -61,12 +61,9 @@ def _find_field(buf: memoryview, number: int) -> memoryview | None:
         key, pos = _varint(buf, pos)
         field_number, wire_type = key >> 3, key & 7
         if wire_type == _LEN:
-            length, pos = _varint(buf, pos)
-            if pos + length > end:
-                raise ValueError("truncated field")
+            start, pos = _span(buf, pos, end)  # _Unread (a ValueError) if truncated
             if field_number == number:
-                return buf[pos : pos + length]
-            pos += length
+                return buf[start:pos]
         elif wire_type == _VARINT:
             _, pos = _varint(buf, pos)
         elif wire_type == _FIXED64:
@@ -117,11 +114,11 @@ _SIZE_KEY, _DIM_NAME_KEY = 0x08, 0x12  # TensorShapeProto.Dim
 _INT64_SIGN = 1 << 63
 
 
-class _Unread(Exception):
+class _Unread(ValueError):
     """The scan cannot vouch for this request: take the full path."""
 
 
-def _span(buf: bytes, pos: int, end: int) -> tuple[int, int]:
+def _span(buf: bytes | memoryview, pos: int, end: int) -> tuple[int, int]:
     """Start and end of the length-delimited payload whose length varint starts at ``pos``."""
     length, pos = _varint(buf, pos)
     stop = pos + length
@@ -147,7 +144,7 @@ def scan_predict(raw: bytes, max_elements: int) -> tuple[str, dict[str, np.ndarr
     """
     try:
         return _scan_request(raw, max_elements)
-    except (_Unread, ValueError, IndexError):
+    except (ValueError, IndexError):  # _Unread is a ValueError
         return None
 
 
@@ -216,26 +213,26 @@ def read_inputs(raw: bytes, inputs: dict[str, np.ndarray | Span]) -> dict[str, n
     }
 
 
-def _scan_request(raw: bytes, max_elements: int) -> tuple[str, dict[str, np.ndarray | Span]] | None:
+def _scan_request(raw: bytes, max_elements: int) -> tuple[str, dict[str, np.ndarray | Span]]:
     pos, end = 0, len(raw)
     signature: str | None = None
     inputs: dict[str, np.ndarray | Span] = {}
     while pos < end:
         key = raw[pos]
         if key & 7 != _LEN:
-            return None
+            raise _Unread
         start, pos = _span(raw, pos + 1, end)
         if key == _INPUT_KEY:
             name, array = _scan_input(raw, start, pos, max_elements)
             if name in inputs:
-                return None
+                raise _Unread
             inputs[name] = array
         elif key == _SPEC_KEY and signature is None:
             signature = _scan_model_spec(raw, start, pos)
         elif key == _FILTER_KEY:
             raw[start:pos].decode()  # a string field: protobuf refuses invalid UTF-8
         else:
-            return None
+            raise _Unread
     return signature or "", inputs
 
 
@@ -301,7 +298,7 @@ def _scan_tensor(raw: bytes, pos: int, end: int, max_elements: int) -> np.ndarra
             raise _Unread  # a typed *_val field, or one this scan does not know
     if pos != end:
         raise _Unread  # a varint ran past the tensor
-    spec = _BY_DATATYPE.get(dtype)
+    spec = spec_for_datatype(dtype)
     if spec is None or spec.content_dtype is None or content is None:
         raise _Unread
     elements = 1
