@@ -40,9 +40,9 @@ import sys
 if __name__ == "__main__":
     # A process of its own: the same gRPC I/O path as `tfshield serve`, chosen
     # before grpc loads (an explicit setting wins there too).
-    from gateway.cli import GRPC_EXPERIMENTS
+    from gateway.cli import use_gateway_grpc_io_path
 
-    os.environ.setdefault("GRPC_EXPERIMENTS", GRPC_EXPERIMENTS)
+    use_gateway_grpc_io_path()
 
 import grpc  # noqa: E402
 
