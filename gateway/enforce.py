@@ -60,7 +60,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from detectors.perturb import Chain, PerturbError, deceiving, perturb_response, perturbing, row_keys
 from gateway.audit import AuditLog, AuditUnavailable
-from gateway.metrics import BoundedLabel, LabelledChildren
+from gateway.metrics import AfterResponse, BoundedLabel, LabelledChildren
 from gateway.pipeline import Call, Refusal, Stage
 from gateway.policy import DEFAULT_SIGNATURE, Decision, DetectionLike, MonitorResultLike, Policy, PolicyHolder
 
@@ -195,6 +195,7 @@ class Enforcer:
         monitors_of: Callable[[Call], Sequence[MonitorResultLike]] = _no_monitors,
         model_label: Callable[[str], str] | None = None,
         buckets: TokenBuckets | None = None,
+        after: AfterResponse | None = None,
     ) -> None:
         self.holder = holder
         self.audit = audit
@@ -212,6 +213,9 @@ class Enforcer:
         self.monitors_of = monitors_of
         self.model_label = model_label or BoundedLabel(64)
         self.buckets = buckets or TokenBuckets()
+        # Decisions are counted once the response is on its way. Registered before the
+        # metrics it updates, so a scrape drains it first (metrics.AfterResponse).
+        self.after = after if after is not None else AfterResponse(registry)
         self.metrics = EnforceMetrics(registry)
         self.decide_stage = DecideStage(self)
         self.respond_stage = RespondStage(self)
@@ -237,11 +241,14 @@ class Enforcer:
     def count(self, call: Call, state: PolicyCallState, decision: Decision) -> bool:
         """The part of settling that needs no waiting; True if the decision must also be recorded."""
         state.decision = decision
-        model = self.model_label(call.model)
+        self.after.add(self._count, call.model, decision)
+        return self.audit is not None and decision.recorded
+
+    def _count(self, model: str, decision: Decision) -> None:
+        model = self.model_label(model)
         self.metrics.decisions_child(decision.action, model).inc()
         for shadow in decision.shadowed:
             self.metrics.shadow_decisions.labels(shadow.action, model).inc()
-        return self.audit is not None and decision.recorded
 
     async def record(self, call: Call, state: PolicyCallState, decision: Decision) -> None:
         """Write ``decision`` to the audit log; refuse the call if it cannot be and the mode is closed."""

@@ -21,10 +21,12 @@ distinct names become label values; the rest are counted as ``_other``.
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import math
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -211,9 +213,68 @@ class BoundedLabel:
         return OTHER_MODEL
 
 
+class AfterResponse:
+    """Bookkeeping a call owes that its client need not wait for.
+
+    A handler's last lines run before gRPC sends its response, so a counter
+    bumped there is paid inside the client's latency, and paid with cold caches
+    after the wait for the upstream. Work added here runs on the event loop's
+    next turn, once the response is on its way; with no running loop, at once.
+
+    Registered as a collector (with no metrics of its own) before any metric it
+    updates, it also drains when the registry is collected, so a scrape never
+    misses a call whose response the client already holds. Safe to drain from
+    the scrape thread: each item is popped once.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self._work: deque[tuple[Callable[..., object], tuple[object, ...]]] = deque()
+        self._scheduled = False  # touched by the event loop's thread only
+        if registry is not None:
+            registry.register(self)  # type: ignore[arg-type]  # a collector: describe() and collect()
+
+    def add(self, fn: Callable[..., object], *args: object) -> None:
+        self._work.append((fn, args))
+        if self._scheduled:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.drain()
+            return
+        self._scheduled = True
+        loop.call_soon(self._run)
+
+    def _run(self) -> None:
+        self._scheduled = False
+        self.drain()
+
+    def drain(self) -> None:
+        work = self._work
+        while True:
+            try:
+                fn, args = work.popleft()
+            except IndexError:
+                return
+            fn(*args)
+
+    @property
+    def pending(self) -> int:
+        return len(self._work)
+
+    def describe(self) -> list[object]:
+        return []
+
+    def collect(self) -> list[object]:
+        self.drain()
+        return []
+
+
 class GatewayMetrics:
     def __init__(self, registry: CollectorRegistry, max_model_labels: int = 64) -> None:
         self.registry = registry
+        # First in the registry, so that draining it at a scrape comes before the metrics it updates.
+        self.after = AfterResponse(registry)
         self.model_label = BoundedLabel(max_model_labels)
         self.requests = Counter(
             "tfshield_requests",

@@ -128,6 +128,7 @@ class Gateway:
             audit=self.audit,
             deceive_key=config.policy.deceive_key(),
             model_label=self.metrics.model_label,
+            after=self.metrics.after,
             **monitor_hooks,
         )
         # Requests run the stages in order, responses in reverse (pipeline.py):
@@ -245,6 +246,16 @@ class Gateway:
         metrics = self.metrics
         request_duration = metrics.request_duration.labels(method)
         upstream_duration = metrics.upstream_duration.labels(method)
+        after = metrics.after
+        requests_child, model_label = metrics.requests_child, metrics.model_label
+
+        def account(model: str, code: grpc.StatusCode, took_s: float, upstream_s: float | None) -> None:
+            # Run by metrics.after, once the response is on its way.
+            requests_child(model_label(model), method, code.name).inc()
+            request_duration.observe(took_s)
+            if upstream_s is not None:
+                upstream_duration.observe(upstream_s)
+
         # Only the stages that do something on each half (a coroutine per no-op hook is not free).
         request_stages = [s for s in self.stages if type(s).on_request is not Stage.on_request]
         response_stages = [s for s in reversed(self.stages) if type(s).on_response is not Stage.on_response]
@@ -258,6 +269,7 @@ class Gateway:
             self.in_flight += 1
             call = Call(method, raw, peek_model_name(raw, method))
             code = OK
+            upstream_s = None
             try:
                 if refuse_reload:
                     code = grpc.StatusCode.PERMISSION_DENIED
@@ -286,7 +298,7 @@ class Gateway:
                             context.set_trailing_metadata(tuple(trailing))
                         await context.abort(code, exc.details() or "")
                     finally:
-                        upstream_duration.observe(time.perf_counter() - upstream_started)
+                        upstream_s = time.perf_counter() - upstream_started
                     for stage in response_stages:
                         response = await stage.on_response(call, response)
                 except InvalidInput as exc:
@@ -303,8 +315,7 @@ class Gateway:
                 raise
             finally:
                 self.in_flight -= 1
-                metrics.requests_child(metrics.model_label(call.model), method, code.name).inc()
-                request_duration.observe(time.perf_counter() - started)
+                after.add(account, call.model, code, time.perf_counter() - started, upstream_s)
 
         return handle
 

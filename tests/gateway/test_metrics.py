@@ -1,14 +1,21 @@
-"""BatchHistogram: the same exposition as prometheus-client's Histogram, batch by batch."""
+"""BatchHistogram: the same exposition as prometheus-client's Histogram, batch by batch.
+
+AfterResponse: per-call bookkeeping runs after the handler's turn, yet a scrape never misses it.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import math
+import sys
+import threading
+import time
 
 import numpy as np
 import pytest
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
-from gateway.metrics import BatchHistogram
+from gateway.metrics import AfterResponse, BatchHistogram, GatewayMetrics
 
 BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 10.0)
 
@@ -89,3 +96,77 @@ def test_wrong_label_count_and_no_finite_bucket_are_refused() -> None:
         histogram.labels("only-one")
     with pytest.raises(ValueError, match="finite bucket"):
         BatchHistogram("g", "doc", [], (math.inf,), CollectorRegistry())
+
+
+def test_after_response_waits_for_the_loops_next_turn() -> None:
+    registry = CollectorRegistry()
+    after = AfterResponse(registry)
+    calls = Counter("calls", "doc", registry=registry)
+
+    async def handler() -> tuple[float, int]:
+        after.add(calls.inc)
+        after.add(calls.inc, 2.0)
+        seen = calls._value.get(), after.pending  # what the handler's own turn still sees
+        await asyncio.sleep(0)
+        return seen
+
+    seen = asyncio.run(handler())
+    assert seen == (0.0, 2)
+    assert calls._value.get() == 3.0 and after.pending == 0
+
+
+def test_after_response_runs_at_once_without_a_loop() -> None:
+    after = AfterResponse()
+    done: list[int] = []
+    after.add(done.append, 1)
+    assert done == [1] and after.pending == 0
+
+
+def test_a_scrape_drains_pending_work_before_collecting() -> None:
+    # The gateway's own metrics: a response the client holds is counted in the next scrape,
+    # even if the event loop has not had its next turn yet.
+    registry = CollectorRegistry()
+    metrics = GatewayMetrics(registry)
+
+    async def handler() -> bytes:
+        metrics.after.add(metrics.requests_child("m", "Predict", "OK").inc)
+        metrics.after.add(metrics.request_duration.labels("Predict").observe, 0.002)
+        return generate_latest(registry)  # no await between: the loop has not turned
+
+    text = asyncio.run(handler()).decode()
+    assert 'tfshield_requests_total{code="OK",method="Predict",model="m"} 1.0' in text
+    assert 'tfshield_request_duration_seconds_count{method="Predict"} 1.0' in text
+
+
+def test_each_item_runs_once_while_a_scrape_thread_drains() -> None:
+    registry = CollectorRegistry()
+    after = AfterResponse(registry)
+    calls = Counter("calls", "doc", registry=registry)
+    stop = threading.Event()
+
+    def scrape() -> None:
+        while not stop.is_set():
+            list(registry.collect())
+
+    def bookkeeping() -> None:
+        time.sleep(0)  # lets the scrape thread in mid-drain
+        calls.inc()
+
+    async def handlers() -> None:
+        for i in range(20_000):
+            after.add(bookkeeping)
+            if i % 50 == 0:
+                await asyncio.sleep(0)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads often, mid-drain too
+    scraper = threading.Thread(target=scrape)
+    scraper.start()
+    try:
+        asyncio.run(handlers())
+    finally:
+        stop.set()
+        scraper.join()
+        sys.setswitchinterval(interval)
+    after.drain()
+    assert calls._value.get() == 20_000
