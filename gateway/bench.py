@@ -50,7 +50,9 @@ Fairness and drift
     targets compare (direct, aio-floor, gateway, gateway+valid+maha at
     concurrency 1) has round p50s more than 0.2 ms apart, a note says the run
     was unsteady: the machine changed state by as much as the targets'
-    margins, and a PASS or MISS near its line means little. A row pools its rounds'
+    margins, and a PASS or MISS near its line means little (on such a host,
+    more and shorter rounds, e.g. ``--duration-s 10 --rounds 40``, average the
+    drift out better than the default three). A row pools its rounds'
     latencies for p50/p99 and sums their calls and wall time for requests/s;
     the JSON keeps each round's requests/s so drift is visible. "Added p50" and
     "throughput ratio" compare with the direct row of the same cell, measured
