@@ -26,6 +26,7 @@ import ipaddress
 import logging
 import os
 import secrets
+from collections.abc import Sequence
 
 import grpc
 
@@ -86,7 +87,13 @@ class ClientIdentifier:
         key = api_key.encode() if isinstance(api_key, str) else api_key
         return hmac.new(self._salt, key, hashlib.sha256).hexdigest()[:16]
 
-    def identify(self, context: grpc.aio.ServicerContext) -> str:
+    def identify(
+        self, context: grpc.aio.ServicerContext, metadata: Sequence[tuple[str, str | bytes]] | None = None
+    ) -> str:
+        """The call's client id. ``metadata``: the call's invocation metadata, when the caller
+        already holds it (each ``context.invocation_metadata()`` builds it anew)."""
+        if metadata is None:
+            metadata = context.invocation_metadata() or ()
         for source in self._order:
             if source == "mtls":
                 auth = context.auth_context()
@@ -97,7 +104,7 @@ class ClientIdentifier:
                 if names:
                     return "mtls:" + names[0].decode("utf-8", "replace")
             elif source == "metadata":
-                for key, value in context.invocation_metadata() or ():
+                for key, value in metadata:
                     if key == self._metadata_key and value:
                         return "key:" + self.hash_key(value)
             elif source == "peer":
@@ -105,7 +112,7 @@ class ClientIdentifier:
                 if peer:
                     address = _peer_address(peer)
                     if self._proxies and self._trusted(address):
-                        address = self._forwarded_client(context) or address
+                        address = self._forwarded_client(metadata) or address
                     return "peer:" + address
         return ANONYMOUS
 
@@ -116,9 +123,9 @@ class ClientIdentifier:
             return False
         return any(ip in network for network in self._proxies)
 
-    def _forwarded_client(self, context: grpc.aio.ServicerContext) -> str | None:
+    def _forwarded_client(self, metadata: Sequence[tuple[str, str | bytes]]) -> str | None:
         hops: list[str] = []
-        for key, value in context.invocation_metadata() or ():
+        for key, value in metadata:
             if key == self._forwarded_key:
                 text = value if isinstance(value, str) else value.decode("latin-1")
                 hops += [h.strip() for h in text.split(",") if h.strip()]

@@ -274,7 +274,8 @@ class Gateway:
                 if refuse_reload:
                     code = grpc.StatusCode.PERMISSION_DENIED
                     await context.abort(code, RELOAD_REFUSED)
-                call.client_id = identify(context)
+                metadata = context.invocation_metadata() or ()
+                call.client_id = identify(context, metadata)
                 if refuse_anonymous and call.client_id == ANONYMOUS:
                     code = grpc.StatusCode.UNAUTHENTICATED
                     await context.abort(code, ANONYMOUS_REFUSED)
@@ -285,7 +286,7 @@ class Gateway:
                     assert self.upstream is not None
                     forward = raw if call.forward_raw is None else call.forward_raw
                     upstream_call = self.upstream.callable_for(path)(
-                        forward, metadata=forwardable(context.invocation_metadata()), timeout=call.timeout_s
+                        forward, metadata=forwardable(metadata), timeout=call.timeout_s
                     )
                     upstream_started = time.perf_counter()
                     try:

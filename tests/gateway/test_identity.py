@@ -83,3 +83,20 @@ def test_a_chain_of_trusted_proxies_is_skipped_and_garbage_is_ignored() -> None:
     assert ident.identify(chain) == "peer:203.0.113.5"
     garbage = FakeContext(peer="ipv4:10.0.0.1:1", metadata=(("x-forwarded-for", "not-an-ip"),))
     assert ident.identify(garbage) == "peer:10.0.0.1"
+
+
+class MetadataOnceContext(FakeContext):
+    """A context whose metadata the caller already read: asking for it again is a mistake."""
+
+    def invocation_metadata(self):
+        raise AssertionError("identify read the metadata again instead of using what it was given")
+
+
+def test_metadata_the_caller_holds_is_used_for_keys_and_forwarded_hops() -> None:
+    key = ClientIdentifier(IdentityConfig(order=("metadata", "peer")), SALT)
+    held = (("x-api-key", "secret-key-1"),)
+    assert key.identify(MetadataOnceContext(), held) == key.identify(FakeContext(metadata=held))
+    assert key.identify(MetadataOnceContext(), ()) == "peer:10.1.2.3"
+    proxied = ClientIdentifier(IdentityConfig(order=("peer",), trusted_proxies=("10.1.0.0/16",)), SALT)
+    hops = (("x-forwarded-for", "203.0.113.9"),)
+    assert proxied.identify(MetadataOnceContext(), hops) == "peer:203.0.113.9"
