@@ -14,7 +14,8 @@ must do to be correct, nothing a security gateway adds:
   ``GRPC_EXPERIMENTS`` default ``tfshield serve`` sets, :mod:`gateway.cli`),
   its event loop (uvloop when installed), its server and channel options
   (:func:`gateway.server.server_options`, :func:`gateway.forward.channel_options`:
-  message limits, keepalive, no retries) and as many upstream connections as its pool, used round-robin,
+  message limits, keepalive, no retries), as many upstream connections as its pool, used round-robin,
+  and its frozen start-up objects (:func:`gateway.server.freeze_startup_objects`),
   so the two differ only in the gateway's own work.
 
 No client identity, no decode or validation, no policy, no metrics, no health
@@ -49,7 +50,7 @@ import grpc  # noqa: E402
 from gateway.config import GatewayConfig  # noqa: E402
 from gateway.forward import channel_options, forwardable, relay_metadata  # noqa: E402
 from gateway.readyfile import write_ready_file  # noqa: E402
-from gateway.server import event_loop_factory, server_options  # noqa: E402
+from gateway.server import event_loop_factory, freeze_startup_objects, server_options  # noqa: E402
 
 
 class _ForwardEverything(grpc.GenericRpcHandler):
@@ -99,12 +100,14 @@ async def serve(upstream: str, listen: str, ready_file: str | None, loop_name: s
     if port == 0:
         raise SystemExit(f"gateway.floor: cannot bind {listen}")
     await server.start()
+    frozen = freeze_startup_objects()  # as tfshield serve does
     if ready_file:
         write_ready_file(
             ready_file,
             grpc_port=port,
             event_loop=loop_name,
             grpc_experiments=os.environ.get("GRPC_EXPERIMENTS", ""),
+            gc_frozen=frozen,
         )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -355,9 +356,24 @@ def _loop_name() -> str:
     return "uvloop" if type(asyncio.get_running_loop()).__module__.startswith("uvloop") else "asyncio"
 
 
+def freeze_startup_objects() -> int:
+    """Move every object alive now into the collector's permanent generation; returns how many.
+
+    What start-up builds (modules, protobuf descriptors, numpy, gRPC, detectors)
+    lives as long as the process, yet each full collection walks it: ~40,000
+    objects, 4.3 ms in-process and 8.9 ms once in a gateway under load, during
+    which the event loop and every call in flight wait. Frozen, a full
+    collection walks only what was made since (0.001 ms right after).
+    """
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
+
+
 async def serve(config: GatewayConfig, ready_file: str | None = None) -> None:
     """Run a gateway until SIGTERM/SIGINT, then drain and exit."""
     gateway, port = await create_server(config)
+    frozen = freeze_startup_objects()
     log.info(
         "tfshield gateway listening on %s (port %d), upstream %s, metrics on port %d, %s event loop",
         config.listen,
@@ -375,6 +391,7 @@ async def serve(config: GatewayConfig, ready_file: str | None = None) -> None:
             **ports,
             event_loop=_loop_name(),
             grpc_experiments=os.environ.get("GRPC_EXPERIMENTS", ""),
+            gc_frozen=frozen,
         )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -87,3 +87,5 @@ def test_it_loads_no_tensorflow_and_runs_on_the_gateways_event_loop_and_grpc_io_
     # The same GRPC_EXPERIMENTS as `tfshield serve` (an explicit setting wins in both).
     experiments = os.environ.get("GRPC_EXPERIMENTS", GRPC_EXPERIMENTS)
     assert floor.info["grpc_experiments"] == gateway.info["grpc_experiments"] == experiments
+    # Both froze what start-up built before taking calls (no full collection walks it again).
+    assert floor.info["gc_frozen"] > 0 and gateway.info["gc_frozen"] > 0
