@@ -3,6 +3,7 @@ runs, so ``tfshield serve`` never pays for TensorFlow."""
 
 from __future__ import annotations
 
+import faulthandler
 import importlib
 import os
 import signal
@@ -71,10 +72,31 @@ def main(argv: list[str] | None = None) -> int:
         # on SIGTERM themselves; ``demo`` and ``bench`` set their own handlers).
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
     module = importlib.import_module(SUBCOMMANDS[name][0])
-    return int(module.main(rest) or 0)
+    try:
+        return int(module.main(rest) or 0)
+    except SystemExit as exc:
+        if _terminated_by is None:
+            raise
+        # The SIGTERM unwound through the command's ``finally`` blocks, which
+        # stopped its child servers. Skip interpreter finalization: it waits on
+        # library threads (TensorFlow's, gRPC's), and a CI run once saw an
+        # evaluation still running 60 s after SIGTERM.
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os._exit(exc.code if isinstance(exc.code, int) else 128 + _terminated_by)
+
+
+# Seconds a SIGTERM'd eval or calibrate may take to stop its servers (each gets
+# 10 s, then SIGKILL) before a watchdog thread in C prints every thread's stack
+# and exits with status 1.
+SIGTERM_DEADLINE_S = 60.0
+_terminated_by: int | None = None
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:
+    global _terminated_by
+    _terminated_by = signum
+    faulthandler.dump_traceback_later(SIGTERM_DEADLINE_S, exit=True)
     raise SystemExit(128 + signum)
 
 

@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -390,6 +391,8 @@ class BenignCrowd:
         self.errors: list[str] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="benign-crowd", daemon=True)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self._thread.start()
@@ -397,8 +400,19 @@ class BenignCrowd:
     def join(self, timeout_s: float) -> bool:
         self._thread.join(timeout_s)
         if self._thread.is_alive():
-            self._stop.set()
+            self._stop.set()  # let each client finish its call in flight
             self._thread.join(30)
+        return not self._thread.is_alive()
+
+    def stop(self, timeout_s: float = 10.0) -> bool:
+        """Cancel every client at once (the evaluation failed or got SIGTERM); True once the thread ended."""
+        self._stop.set()
+        loop, task = self._loop, self._task
+        if loop is not None and task is not None:
+            with contextlib.suppress(RuntimeError):  # its loop already closed
+                loop.call_soon_threadsafe(task.cancel)
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
         return not self._thread.is_alive()
 
     def poll_flagged(self) -> None:
@@ -416,7 +430,13 @@ class BenignCrowd:
         self.listed_flagged |= {c.client_id for c in control_pb2.ListClientsResponse.FromString(raw).clients}
 
     def _run(self) -> None:
-        asyncio.run(self._main())
+        async def main() -> None:
+            self._loop, self._task = asyncio.get_running_loop(), asyncio.current_task()
+            if not self._stop.is_set():  # stop() may have run before the loop existed
+                await self._main()
+
+        with contextlib.suppress(asyncio.CancelledError):
+            asyncio.run(main())
 
     async def _main(self) -> None:
         import grpc
@@ -1021,6 +1041,8 @@ def evaluate(
         timings["traffic_s"] = time.monotonic() - step
         metrics = _metrics(gateway.port("metrics"))
     finally:
+        if crowd is not None and not crowd.stop():
+            log("  the benign clients' thread did not stop within 10 s")
         for proc in reversed(servers):
             proc.stop()
 

@@ -72,7 +72,10 @@ def test_a_cached_suite_is_reused_only_when_it_holds_the_default_monitors(tmp_pa
 
 
 @pytest.mark.slow
-def test_sigterm_stops_the_servers_the_evaluation_started(model_cache_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("when", ["gateway ready", "attacks running"])
+def test_sigterm_stops_the_servers_the_evaluation_started(
+    model_cache_dir: Path, tmp_path: Path, when: str
+) -> None:
     import os
     import signal
     import subprocess
@@ -86,7 +89,9 @@ def test_sigterm_stops_the_servers_the_evaluation_started(model_cache_dir: Path,
     cache = str(model_cache_dir)
     argv = tfshield_argv("eval", "monitors", "--quick", "--cache-dir", cache, "--out", str(out))
     env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
-    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log_path = tmp_path / "eval.log"  # on a hang, the faulthandler's stacks land here
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 240
         children: list[psutil.Process] = []
@@ -94,10 +99,18 @@ def test_sigterm_stops_the_servers_the_evaluation_started(model_cache_dir: Path,
         while time.monotonic() < deadline and not (out / "run" / "gateway.ready.json").exists():
             assert proc.poll() is None, "the evaluation exited before starting its servers"
             time.sleep(0.2)
+        if when == "attacks running":  # the benign crowd's thread and an attack both send through the gateway
+            while time.monotonic() < deadline and "[5/6]" not in log_path.read_text():
+                assert proc.poll() is None, "the evaluation exited before its attacks"
+                time.sleep(0.2)
         children = psutil.Process(proc.pid).children(recursive=True)
         assert len(children) >= 2, children
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+        try:
+            code = proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            code = None
+        assert code == 128 + signal.SIGTERM, log_path.read_text(errors="replace")[-6000:]
         gone, alive = psutil.wait_procs(children, timeout=30)
         assert alive == [], f"still running after the evaluation exited: {alive}"
     finally:
