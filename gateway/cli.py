@@ -86,18 +86,45 @@ def main(argv: list[str] | None = None) -> int:
         os._exit(exc.code if isinstance(exc.code, int) else 128 + _terminated_by)
 
 
+# -- SIGTERM for the commands that start child servers ------------------------------------------
+
 # Seconds a SIGTERM'd eval or calibrate may take to stop its servers (each gets
 # 10 s, then SIGKILL) before a watchdog thread in C prints every thread's stack
 # and exits with status 1.
 SIGTERM_DEADLINE_S = 60.0
+# How soon an exit that a __del__ or a callback swallowed is raised again.
+REARM_S = 0.05
 _terminated_by: int | None = None
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:
+    """Unwind through the command's ``finally`` blocks with SystemExit(128 + signum), once.
+
+    Python runs a signal handler wherever the main thread is, and that may be
+    inside a ``__del__`` or a callback from C, which print the exception and
+    drop it. The command would then go on as if no SIGTERM had come. The
+    unraisable hook installed here notices the dropped SystemExit and raises it
+    again, via SIGALRM, 50 ms later in the command's own code.
+    """
     global _terminated_by
+    if _terminated_by is not None:
+        return  # already unwinding: a second SIGTERM must not cut the cleanup short
     _terminated_by = signum
     faulthandler.dump_traceback_later(SIGTERM_DEADLINE_S, exit=True)
+    previous_hook = sys.unraisablehook
+
+    def reraise_dropped_exit(unraisable: object) -> None:
+        previous_hook(unraisable)  # type: ignore[arg-type]
+        if getattr(unraisable, "exc_type", None) is SystemExit:
+            signal.setitimer(signal.ITIMER_REAL, REARM_S)
+
+    sys.unraisablehook = reraise_dropped_exit
+    signal.signal(signal.SIGALRM, _raise_exit_again)
     raise SystemExit(128 + signum)
+
+
+def _raise_exit_again(signum: int, frame: object) -> None:
+    raise SystemExit(128 + (_terminated_by or signal.SIGTERM))
 
 
 if __name__ == "__main__":
