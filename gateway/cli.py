@@ -67,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         use_gateway_grpc_io_path()
     elif name in ("eval", "calibrate"):
         # eval starts child servers and stops them in ``finally`` blocks (calibrate
-        # cleans up files in its own); Python's default SIGTERM kills without
-        # running them, orphaning the children.
+        # closes its upstream channel in ``with`` blocks); Python's default SIGTERM
+        # kills without running them, orphaning the children.
         # Exit through SystemExit instead (``serve`` and ``model-server`` drain
         # on SIGTERM themselves; ``demo`` and ``bench`` set their own handlers).
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
