@@ -11,14 +11,28 @@ import textwrap
 from gateway.cli import main, usage
 from tests.procs import REPO
 
+# The stand-in for eval: it calls ``before()`` (which sends the SIGTERM), then
+# sleeps; its ``finally`` block says it ran.
+_STAND_IN = """
+def command(argv):
+    try:
+        before()
+        time.sleep(30)
+        print("not interrupted", flush=True)
+    finally:
+        print("finally ran", flush=True)
+    return 0
+"""
 
-def run_as_eval(command_source: str, timeout_s: float) -> subprocess.CompletedProcess[str]:
-    """Run ``tfshield eval`` in a child whose eval module is replaced by ``command(argv)`` below."""
+
+def run_as_eval(before_source: str, timeout_s: float) -> subprocess.CompletedProcess[str]:
+    """Run ``tfshield eval`` in a child whose eval is the stand-in above, with ``before()`` from the test."""
     script = "\n".join(
         [
-            "import gc, os, signal, sys, threading, time, types",
+            "import os, signal, sys, threading, time, types",
             "import gateway.cli as cli",
-            textwrap.dedent(command_source),
+            textwrap.dedent(before_source),
+            _STAND_IN,
             'sys.modules["stand_in"] = types.SimpleNamespace(main=command)',
             'cli.SUBCOMMANDS["eval"] = ("stand_in", "")',
             'sys.exit(cli.main(["eval"]))',
@@ -40,15 +54,9 @@ def test_sigterm_runs_the_commands_finally_blocks_then_exits_without_waiting_on_
     # this child would never end.
     result = run_as_eval(
         """
-        def command(argv):
+        def before():
             threading.Thread(target=threading.Event().wait, name="never-ends").start()
-            try:
-                os.kill(os.getpid(), signal.SIGTERM)
-                time.sleep(30)
-                print("not interrupted", flush=True)
-            finally:
-                print("finally ran", flush=True)
-            return 0
+            os.kill(os.getpid(), signal.SIGTERM)
         """,
         timeout_s=20,
     )
@@ -67,14 +75,8 @@ def test_a_sigterm_whose_exit_a_del_method_dropped_still_stops_the_command() -> 
                 for _ in range(1000):  # the handler runs at one of these loop turns
                     pass
 
-        def command(argv):
-            try:
-                SignalledWhileCollected()  # collected at once
-                time.sleep(30)
-                print("not interrupted", flush=True)
-            finally:
-                print("finally ran", flush=True)
-            return 0
+        def before():
+            SignalledWhileCollected()  # collected at once
         """,
         timeout_s=60,
     )
