@@ -134,7 +134,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gateway.model.processes import stop_process
+from gateway.model.processes import signal_exit, stop_process, unwind_on
 
 REPO = Path(__file__).resolve().parent.parent
 PREDICT = "/tensorflow.serving.PredictionService/Predict"
@@ -1580,10 +1580,6 @@ def run(settings: Settings) -> dict[str, Any]:
     return results
 
 
-def _raise_on_sigterm(signum: int, frame: Any) -> None:
-    raise SystemExit(128 + signum)
-
-
 def parse_args(argv: list[str] | None) -> Settings:
     parser = argparse.ArgumentParser(
         prog="tfshield bench",
@@ -1675,14 +1671,14 @@ def parse_args(argv: list[str] | None) -> Settings:
 def main(argv: list[str] | None = None) -> int:
     settings = parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the driver imports TensorFlow (requests, calibrate)
-    previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    restore_handlers = unwind_on((signal.SIGTERM,), signal_exit)
     try:
         results = run(settings)
     except BenchError as exc:
         print(f"tfshield bench: {exc}", file=sys.stderr)
         return 1
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        restore_handlers()
     _say("")
     _say(format_report(results))
     settings.out.parent.mkdir(parents=True, exist_ok=True)

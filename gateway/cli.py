@@ -3,7 +3,6 @@ runs, so ``tfshield serve`` never pays for TensorFlow."""
 
 from __future__ import annotations
 
-import faulthandler
 import importlib
 import os
 import signal
@@ -68,64 +67,34 @@ def main(argv: list[str] | None = None) -> int:
     elif name in ("eval", "calibrate"):
         # eval starts child servers and stops them in ``finally`` blocks (calibrate
         # closes its upstream channel in ``with`` blocks); Python's default SIGTERM
-        # kills without running them, orphaning the children.
-        # Exit through SystemExit instead (``serve`` and ``model-server`` drain
-        # on SIGTERM themselves; ``demo`` and ``bench`` set their own handlers).
-        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        # kills without running them, orphaning the children. ``serve`` and
+        # ``model-server`` drain on SIGTERM themselves; ``demo`` and ``bench`` call
+        # unwind_on for the signals they handle.
+        from gateway.model.processes import signal_exit, unwind_on
+
+        unwind_on((signal.SIGTERM,), signal_exit)
     module = importlib.import_module(SUBCOMMANDS[name][0])
     try:
-        return int(module.main(rest) or 0)
+        status = int(module.main(rest) or 0)
     except SystemExit as exc:
-        if _terminated_by is None:
+        if not _unwound():
             raise
-        # The SIGTERM unwound through the command's ``finally`` blocks, which
+        status = exc.code if isinstance(exc.code, int) else 1
+    if _unwound():
+        # A signal unwound through the command's ``finally`` blocks, which
         # stopped its child servers. Skip interpreter finalization: it waits on
         # library threads (TensorFlow's, gRPC's), and a CI run once saw an
         # evaluation still running 60 s after SIGTERM.
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
-        os._exit(exc.code if isinstance(exc.code, int) else 128 + _terminated_by)
+        os._exit(status)
+    return status
 
 
-# -- SIGTERM for the commands that start child servers ------------------------------------------
-
-# Seconds a SIGTERM'd eval or calibrate may take to stop its servers (each gets
-# 10 s, then SIGKILL) before a watchdog thread in C prints every thread's stack
-# and exits with status 1.
-SIGTERM_DEADLINE_S = 60.0
-# How soon an exit that a __del__ or a callback swallowed is raised again.
-REARM_S = 0.05
-_terminated_by: int | None = None
-
-
-def _exit_on_sigterm(signum: int, frame: object) -> None:
-    """Unwind through the command's ``finally`` blocks with SystemExit(128 + signum), once.
-
-    Python runs a signal handler wherever the main thread is, and that may be
-    inside a ``__del__`` or a callback from C, which print the exception and
-    drop it. The command would then go on as if no SIGTERM had come. The
-    unraisable hook installed here notices the dropped SystemExit and raises it
-    again, via SIGALRM, 50 ms later in the command's own code.
-    """
-    global _terminated_by
-    if _terminated_by is not None:
-        return  # already unwinding: a second SIGTERM must not cut the cleanup short
-    _terminated_by = signum
-    faulthandler.dump_traceback_later(SIGTERM_DEADLINE_S, exit=True)
-    previous_hook = sys.unraisablehook
-
-    def reraise_dropped_exit(unraisable: object) -> None:
-        previous_hook(unraisable)  # type: ignore[arg-type]
-        if getattr(unraisable, "exc_type", None) is SystemExit:
-            signal.setitimer(signal.ITIMER_REAL, REARM_S)
-
-    sys.unraisablehook = reraise_dropped_exit
-    signal.signal(signal.SIGALRM, _raise_exit_again)
-    raise SystemExit(128 + signum)
-
-
-def _raise_exit_again(signum: int, frame: object) -> None:
-    raise SystemExit(128 + (_terminated_by or signal.SIGTERM))
+def _unwound() -> bool:
+    """True once ``processes.unwind_on`` turned a signal into an exception (never imported: False)."""
+    processes = sys.modules.get("gateway.model.processes")
+    return processes is not None and processes.unwound_by() is not None
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ import numpy as np
 
 from gateway.errors import TfshieldError
 from gateway.model.data import DEFAULT_SEED, NUM_CLASSES
-from gateway.model.processes import flushing_print
+from gateway.model.processes import flushing_print, unwind_on
 
 DEMO_RECIPE = "mnist-cnn-v1"
 MODEL_NAME = "mnist"
@@ -418,8 +418,7 @@ def main(argv: list[str]) -> int:
     # Ctrl-C, SIGTERM and SIGHUP (terminal closed) all end the demo through the clean-up
     # below, so the servers it started are always stopped. SIGINT is set explicitly because
     # a process started in the background by a non-interactive shell inherits it ignored.
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _raise_keyboard_interrupt)
+    unwind_on((signal.SIGINT, signal.SIGTERM, signal.SIGHUP), lambda signum: KeyboardInterrupt())
     try:
         log("[2/4] starting the reference model server")
         model_server = start_server(
@@ -482,10 +481,6 @@ def main(argv: list[str]) -> int:
         else:
             log(f"server logs kept in {workdir}")
     return exit_code
-
-
-def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
 
 
 def _print_summary(summary: TrafficSummary, metrics_port: int, log: Log) -> None:

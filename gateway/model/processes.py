@@ -1,4 +1,4 @@
-"""Start and stop tfshield servers as child processes (used by the demo).
+"""Start and stop tfshield servers as child processes (the demo, the evaluations, the bench, the tests).
 
 Each server is started with ``--ready-file`` and port 0, waited for through
 that file (see :mod:`gateway.readyfile`), and stopped by its pid: SIGTERM,
@@ -8,17 +8,23 @@ order (gateway first, then the model server behind it).
 
 The test suite uses it too (``tests/procs.py`` re-exports it), so the
 shipped package and the tests start servers one way.
+
+:func:`unwind_on` is how the commands that start children (demo, eval,
+bench) turn a signal into an exception, so that their ``finally`` blocks stop
+those children before the process ends.
 """
 
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -208,3 +214,64 @@ def flushing_print(line: str) -> None:
         print(line, flush=True)
     except (BrokenPipeError, ValueError):
         pass
+
+
+# -- turning a signal into an exception the caller's finally blocks see ----------------------------
+
+# Seconds the unwind may take (stopping each child: 10 s, then SIGKILL) before a
+# watchdog thread in C prints every thread's stack and exits with status 1.
+UNWIND_DEADLINE_S = 60.0
+# How soon an exception that a __del__ or a callback dropped is raised again.
+REARM_S = 0.05
+_unwound_by: int | None = None
+
+
+def unwind_on(signals: Iterable[int], exception: Callable[[int], BaseException]) -> Callable[[], None]:
+    """Make the first of ``signals`` to arrive raise ``exception(signum)`` in the main thread.
+
+    Later signals are ignored, so they cannot cut the clean-up short. Python
+    runs a signal handler wherever the main thread is, and that may be inside a
+    ``__del__`` or a callback from C, which print the exception and drop it: the
+    command would then go on as if no signal had come. An unraisable hook
+    notices the dropped exception and raises it again, via SIGALRM, 50 ms later
+    in the command's own code. Returns a function that restores the previous
+    handlers (for a command that stops listening once its children are gone).
+    """
+    def handler(signum: int, frame: object) -> None:
+        global _unwound_by
+        if _unwound_by is not None:
+            return
+        _unwound_by = signum
+        raised = exception(signum)
+        faulthandler.dump_traceback_later(UNWIND_DEADLINE_S, exit=True)
+        previous_hook = sys.unraisablehook
+
+        def raise_dropped_again(unraisable: sys.UnraisableHookArgs) -> None:
+            previous_hook(unraisable)
+            if type(unraisable.exc_value) is type(raised):
+                signal.setitimer(signal.ITIMER_REAL, REARM_S)
+
+        def raise_again(alarm: int, frame: object) -> None:
+            raise exception(signum)
+
+        sys.unraisablehook = raise_dropped_again
+        signal.signal(signal.SIGALRM, raise_again)
+        raise raised
+
+    previous = {sig: signal.signal(sig, handler) for sig in signals}
+
+    def restore() -> None:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+    return restore
+
+
+def signal_exit(signum: int) -> SystemExit:
+    """SystemExit with the status a shell reports for death by ``signum`` (128 + signum)."""
+    return SystemExit(128 + signum)
+
+
+def unwound_by() -> int | None:
+    """The signal :func:`unwind_on` turned into an exception, if one came."""
+    return _unwound_by

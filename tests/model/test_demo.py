@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 
 from gateway.model.demo import DemoArtifacts, train_demo_model
@@ -62,3 +64,41 @@ def test_the_demo_sends_traffic_through_the_gateway_and_stops_both(model_cache_d
     accuracy = float(result.stdout.split("accuracy   ")[1].split()[0])
     assert accuracy >= 0.9
     assert "stopped gateway" in result.stdout and "stopped model-server" in result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_a_demo_kept_running_and_both_its_servers(
+    model_cache_dir: Path, tmp_path: Path, sig: signal.Signals
+) -> None:
+    log_path = tmp_path / "demo.log"
+    argv = tfshield_argv("demo", "--requests", "10", "--keep-running", "--cache-dir", str(model_cache_dir))
+    env = {
+        "PYTHONPATH": str(REPO),
+        "PATH": "/usr/bin:/bin",
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        "HOME": str(model_cache_dir),
+    }
+    with open(log_path, "wb") as log:
+        demo = subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    children: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 180
+        while "serving until Ctrl-C" not in log_path.read_text() and time.monotonic() < deadline:
+            assert demo.poll() is None, log_path.read_text()
+            time.sleep(0.2)
+        children = psutil.Process(demo.pid).children(recursive=True)
+        assert len(children) >= 2, children
+        demo.send_signal(sig)
+        assert demo.wait(timeout=60) == 0, log_path.read_text()
+        output = log_path.read_text()
+        assert "stopping" in output and "stopped gateway" in output and "stopped model-server" in output
+        _, alive = psutil.wait_procs(children, timeout=30)
+        assert alive == []
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
+        for child in children:
+            if child.is_running():
+                child.kill()
